@@ -51,8 +51,6 @@ fi
 
 log "installing the Python dependencies (pinned)"
 "${PIP[@]}" -r scripts/requirements.txt
-# panopticapi-lite's metadata pins numpy<2 and scikit-image that its code does not use.
-"${PIP[@]}" --no-deps panopticapi-lite esdft-segmetric
 
 if "$PY" -c "import detectron2, detectron2.config, detectron2.modeling" 2>/dev/null; then
   log "a working detectron2 is already installed; leaving it alone"
@@ -76,6 +74,11 @@ if [ "${PSALM_NO_KERNEL:-0}" != 1 ]; then
     "${PIP[@]}" --no-build-isolation --no-deps torch-ms-deform-attn
   fi
 fi
+
+# Installed last and without dependencies: panopticapi-lite's metadata pins numpy<2 and scikit-image,
+# which its code does not use (pip may print a harmless "dependency conflicts" note about it).
+log "installing the metric references (panopticapi-lite, esdft-segmetric) without their stale pins"
+"${PIP[@]}" --no-deps panopticapi-lite esdft-segmetric
 
 log "installing psalm (editable)"
 "${PIP[@]}" --no-build-isolation --no-deps -e .

@@ -1,0 +1,90 @@
+"""Helpers shared by the data-set registrations: paths, clear missing-file errors, lazy registration.
+
+Every registration is lazy: ``DatasetCatalog.register(name, loader)`` stores a function, and the
+files are read only when ``DatasetCatalog.get(name)`` is called. Each call builds fresh dicts, so
+no caller can corrupt the dicts another caller sees (the official code mutated them in place).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Iterable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+logger = logging.getLogger(__name__)
+
+README_HINT = "datasets/README.md"
+
+# every name registered through `register_lazy`, so that a re-registration (another root) is possible
+_PSALM_NAMES: set[str] = set()
+
+
+def datasets_root(root: str | None = None) -> str:
+    """The data-set root: ``root`` if given, else ``$DETECTRON2_DATASETS``, else ``./datasets``."""
+    return root if root is not None else os.environ.get("DETECTRON2_DATASETS", "datasets")
+
+
+class MissingDatasetFileError(FileNotFoundError):
+    """A file or folder a registered data set needs does not exist (message says how to make it)."""
+
+
+def require_path(path: str, dataset_name: str, prepare: str, is_dir: bool = False) -> str:
+    """Return ``path`` if it exists, else raise :class:`MissingDatasetFileError` naming the fix.
+
+    Args:
+        path: the file (or folder with ``is_dir``) the data set reads.
+        dataset_name: registered name, for the message.
+        prepare: the step that creates or downloads the file, e.g. ``"python datasets/prepare_refcoco.py"``.
+    """
+    ok = os.path.isdir(path) if is_dir else os.path.isfile(path)
+    if not ok:
+        kind = "folder" if is_dir else "file"
+        raise MissingDatasetFileError(
+            f"Data set '{dataset_name}' needs the {kind} {path!r}, which does not exist. "
+            f"Create it with: {prepare}  (layout and sources: {README_HINT}; "
+            f"the root is $DETECTRON2_DATASETS, now {datasets_root()!r})."
+        )
+    return path
+
+
+def load_json(path: str, dataset_name: str, prepare: str):
+    """``json.load`` of a required file (clear error when missing or not JSON)."""
+    require_path(path, dataset_name, prepare)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"Data set '{dataset_name}': {path!r} is not valid JSON ({e}). Re-create it with: {prepare}"
+            ) from e
+
+
+def register_lazy(name: str, loader: Callable[[], list], **metadata) -> None:
+    """Register ``loader`` under ``name`` with ``metadata``; replaces an earlier psalm registration.
+
+    A name already registered by someone else (e.g. detectron2's builtin sets) is an error.
+    """
+    if name in DatasetCatalog.list():
+        if name not in _PSALM_NAMES:
+            raise ValueError(f"data set name {name!r} is already registered by another library; pick another name")
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+    _PSALM_NAMES.add(name)
+
+
+def registered_psalm_names() -> list[str]:
+    """Every data-set name registered by psalm, sorted."""
+    return sorted(_PSALM_NAMES)
+
+
+def contiguous_map(ids: Iterable[int]) -> dict[int, int]:
+    """Dataset category ids -> 0..K-1 in the given order."""
+    return {int(i): k for k, i in enumerate(ids)}
+
+
+def log_loaded(name: str, n: int, what: str = "samples") -> None:
+    logger.info("Loaded %d %s for data set '%s'", n, what, name)

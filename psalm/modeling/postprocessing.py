@@ -1,0 +1,455 @@
+"""Inference post-processing for every PSALM segmentation task (one module, batched).
+
+The predictor gives stride-4 mask logits for Q queries and one score head per task
+(``docs/DESIGN.md``, "Forward data flow"). This module turns them into detectron2-standard outputs
+at the original image size:
+
+1. :func:`resize_mask_logits`: bilinear upsample to the padded input size S x S, crop the valid
+   (non-padding) region read from ``padding_mask``, bilinear resize to the original (height, width)
+   (detectron2 ``sem_seg_postprocess``). Done in the logits' dtype, at least fp32.
+2. the task's inference, in **fp32** as the official code does:
+
+   * ``panoptic``: Mask2Former rules (``object_mask_threshold`` / ``overlap_threshold``, stuff
+     segments of a class merged), plus ``sem_seg`` and thing-only ``instances`` when enabled;
+   * ``instance``: top-k over Q*K of class prob, score = class prob * mask score, boxes from masks;
+   * ``semantic``: ``einsum("qk,qhw->khw", softmax[:, :K], sigmoid(masks))``;
+   * ``referring``: the top-1 query of sigmoid(refer logit) * mask score;
+   * ``gres``: the union of the query masks whose score exceeds a threshold; when none does,
+     the top-1 mask (``"top1"``, official) or nothing with ``no_target=True`` (``"empty"``);
+   * ``interactive``: for each region the top-1 query of sigmoid(region logit) * mask score.
+
+"Mask score" is the mean sigmoid inside the binary mask (logit > 0), as in Mask2Former.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Boxes, Instances
+
+from .tasks import CATEGORY_TASKS, check_task
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PSALMPostProcessor",
+    "valid_size_from_padding_mask",
+    "resize_mask_logits",
+    "mask_scores",
+    "masks_to_boxes",
+    "semantic_inference",
+    "instance_inference",
+    "panoptic_inference",
+    "referring_scores",
+    "referring_inference",
+    "gres_inference",
+    "interactive_scores",
+    "interactive_inference",
+]
+
+GRES_NO_TARGET_MODES = ("top1", "empty")
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------
+def valid_size_from_padding_mask(padding_mask: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of the valid image region of a padded input.
+
+    Args:
+        padding_mask: bool [S, S], True on padding. The mapper pads right/bottom, so the valid
+            region must be the top-left block.
+    """
+    if padding_mask.dim() != 2:
+        raise ValueError(f"padding_mask must be [S, S], got shape {tuple(padding_mask.shape)}")
+    valid = ~padding_mask.bool()
+    rows = valid.any(dim=1).nonzero().flatten()
+    cols = valid.any(dim=0).nonzero().flatten()
+    if rows.numel() == 0:
+        raise ValueError("padding_mask is True everywhere: the image has no valid pixel")
+    if int(rows[0]) != 0 or int(cols[0]) != 0:
+        raise ValueError(
+            "padding_mask must mark right/bottom padding (valid region at the top-left), got a valid "
+            f"region starting at row {int(rows[0])}, column {int(cols[0])}"
+        )
+    return int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def resize_mask_logits(
+    mask_logits: torch.Tensor,
+    input_size: tuple[int, int],
+    valid_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """Mask logits at stride 4 -> logits at the original image size.
+
+    Args:
+        mask_logits: [N, h, w] (stride-4 predictor output).
+        input_size: padded input size (S, S) the masks are first upsampled to.
+        valid_size: (h, w) of the valid region inside the padded input (top-left block).
+        output_size: original (height, width).
+    Returns:
+        [N, height, width] in ``promote_types(mask_logits.dtype, float32)``.
+    """
+    dtype = torch.promote_types(mask_logits.dtype, torch.float32)
+    x = F.interpolate(
+        mask_logits[None].to(dtype), size=tuple(input_size), mode="bilinear", align_corners=False
+    )[0]
+    return sem_seg_postprocess(x, valid_size, int(output_size[0]), int(output_size[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-image inference (inputs already at the output size; all computed in fp32)
+# ----------------------------------------------------------------------------------------------
+def mask_scores(mask_logits: torch.Tensor) -> torch.Tensor:
+    """Mean sigmoid inside each binary mask (logit > 0): [N, H, W] -> [N] (0 for an empty mask)."""
+    m = mask_logits.float().flatten(1)
+    binary = (m > 0).float()
+    return (m.sigmoid() * binary).sum(1) / (binary.sum(1) + 1e-6)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> Boxes:
+    """Tight XYXY boxes (exclusive max, detectron2 ``BitMasks`` convention) of bool masks [N, H, W].
+
+    An empty mask gets an all-zero box. Stays on the masks' device.
+    """
+    n, h, w = masks.shape
+    boxes = torch.zeros(n, 4, dtype=torch.float32, device=masks.device)
+    if n == 0:
+        return Boxes(boxes)
+    x_any, y_any = masks.any(dim=1), masks.any(dim=2)  # [N, W], [N, H]
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
+    big = float(max(h, w) + 1)
+    nonempty = x_any.any(dim=1)
+    boxes[:, 0] = torch.where(x_any, xs, big).amin(dim=1)
+    boxes[:, 1] = torch.where(y_any, ys, big).amin(dim=1)
+    boxes[:, 2] = torch.where(x_any, xs, -1.0).amax(dim=1) + 1
+    boxes[:, 3] = torch.where(y_any, ys, -1.0).amax(dim=1) + 1
+    boxes[~nonempty] = 0
+    return Boxes(boxes)
+
+
+def _instances(image_size, masks: torch.Tensor, scores: torch.Tensor, **fields) -> Instances:
+    inst = Instances(tuple(image_size))
+    inst.pred_masks = masks
+    inst.pred_boxes = masks_to_boxes(masks)
+    inst.scores = scores
+    for k, v in fields.items():
+        inst.set(k, v)
+    return inst
+
+
+def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Per-class soft masks: class_logits [Q, K+1] (last = background), mask_logits [Q, H, W] -> [K, H, W]."""
+    probs = F.softmax(class_logits.float(), dim=-1)[:, :-1]
+    return torch.einsum("qk,qhw->khw", probs, mask_logits.float().sigmoid())
+
+
+def instance_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    topk: int,
+    is_thing: Sequence[bool] | None = None,
+) -> Instances:
+    """Mask2Former instance inference.
+
+    Args:
+        class_logits: [Q, K+1]; mask_logits: [Q, H, W].
+        topk: number of (query, class) pairs kept from the Q*K class probabilities (clamped to Q*K).
+        is_thing: K flags; when given (panoptic mode), pairs of stuff classes are then dropped.
+    Returns:
+        ``Instances`` with pred_masks bool [N, H, W], pred_boxes, scores [N] (class prob * mask
+        score), pred_classes [N] (0-based contiguous), pred_query_ids [N]; sorted by class prob.
+    """
+    probs = F.softmax(class_logits.float(), dim=-1)[:, :-1]  # [Q, K]
+    num_queries, num_classes = probs.shape
+    k = min(int(topk), num_queries * num_classes)
+    top_probs, flat_idx = probs.flatten().topk(k, sorted=True)
+    labels = flat_idx % num_classes
+    query_ids = torch.div(flat_idx, num_classes, rounding_mode="floor")
+    if is_thing is not None:
+        thing = torch.as_tensor(list(is_thing), dtype=torch.bool, device=labels.device)
+        keep = thing[labels]
+        top_probs, labels, query_ids = top_probs[keep], labels[keep], query_ids[keep]
+    logits = mask_logits[query_ids].float()
+    return _instances(
+        mask_logits.shape[-2:],
+        logits > 0,
+        top_probs * mask_scores(logits),
+        pred_classes=labels,
+        pred_query_ids=query_ids,
+    )
+
+
+def panoptic_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    is_thing: Sequence[bool],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Mask2Former panoptic inference.
+
+    Args:
+        class_logits: [Q, K+1]; mask_logits: [Q, H, W]; is_thing: K flags.
+    Returns:
+        (panoptic_seg int32 [H, W] with 0 = void, segments_info: list of {"id", "isthing",
+        "category_id"} with 0-based contiguous category ids). Stuff segments of one class are merged.
+    """
+    num_classes = class_logits.shape[-1] - 1
+    if len(is_thing) != num_classes:
+        raise ValueError(f"is_thing has {len(is_thing)} entries but the class logits have K={num_classes}")
+    scores, labels = F.softmax(class_logits.float(), dim=-1).max(-1)
+    probs = mask_logits.float().sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], probs[keep]
+
+    h, w = probs.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=probs.device)
+    segments_info: list[dict] = []
+    if cur_masks.shape[0] == 0:
+        return panoptic_seg, segments_info
+
+    cur_mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    stuff_segment_ids: dict[int, int] = {}
+    segment_id = 0
+    for k in range(cur_classes.shape[0]):
+        pred_class = int(cur_classes[k])
+        isthing = bool(is_thing[pred_class])
+        owned = cur_mask_ids == k
+        original = cur_masks[k] >= 0.5
+        mask = owned & original
+        mask_area, original_area = int(owned.sum()), int(original.sum())
+        if mask_area == 0 or original_area == 0 or int(mask.sum()) == 0:
+            continue
+        if mask_area / original_area < overlap_threshold:
+            continue
+        if not isthing:
+            if pred_class in stuff_segment_ids:
+                panoptic_seg[mask] = stuff_segment_ids[pred_class]
+                continue
+            stuff_segment_ids[pred_class] = segment_id + 1
+        segment_id += 1
+        panoptic_seg[mask] = segment_id
+        segments_info.append({"id": segment_id, "isthing": isthing, "category_id": pred_class})
+    return panoptic_seg, segments_info
+
+
+def referring_scores(refer_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """sigmoid(refer logit) * mask score per query: refer_logits [Q, 1] or [Q], mask_logits [Q, H, W] -> [Q]."""
+    return refer_logits.float().reshape(-1).sigmoid() * mask_scores(mask_logits)
+
+
+def referring_inference(refer_logits: torch.Tensor, mask_logits: torch.Tensor) -> Instances:
+    """The top-1 query: ``Instances`` with pred_masks bool [1, H, W], scores [1], pred_query_ids [1]."""
+    scores = referring_scores(refer_logits, mask_logits)
+    q = scores.argmax().view(1)
+    return _instances(mask_logits.shape[-2:], mask_logits[q].float() > 0, scores[q], pred_query_ids=q)
+
+
+def gres_inference(
+    refer_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    score_threshold: float = 0.6,
+    no_target: str = "top1",
+) -> tuple[Instances, bool]:
+    """Generalized referring: the union of the query masks with score > ``score_threshold``.
+
+    When no query passes: ``no_target="top1"`` (official) returns the top-1 mask; ``"empty"``
+    returns no mask and ``no_target=True``.
+
+    Returns:
+        (``Instances`` with pred_masks bool [1, H, W] (or [0, H, W]) and scores [1] (the best query
+        score), whether the model predicts "no target").
+    """
+    if no_target not in GRES_NO_TARGET_MODES:
+        raise ValueError(f"gres no-target mode must be one of {GRES_NO_TARGET_MODES}, got {no_target!r}")
+    scores = referring_scores(refer_logits, mask_logits)
+    binary = mask_logits.float() > 0
+    passed = scores > score_threshold
+    image_size = mask_logits.shape[-2:]
+    if bool(passed.any()):
+        union = binary[passed].any(dim=0, keepdim=True)
+        return _instances(image_size, union, scores[passed].max().view(1)), False
+    if no_target == "top1":
+        q = scores.argmax().view(1)
+        return _instances(image_size, binary[q], scores[q]), False
+    empty = torch.zeros((0, *image_size), dtype=torch.bool, device=mask_logits.device)
+    return _instances(image_size, empty, scores.new_zeros(0)), True
+
+
+def interactive_scores(region_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """sigmoid(region logit) * mask score: region_logits [R, Q], mask_logits [Q, H, W] -> [R, Q]."""
+    return region_logits.float().sigmoid() * mask_scores(mask_logits)[None]
+
+
+def interactive_inference(region_logits: torch.Tensor, mask_logits: torch.Tensor) -> Instances:
+    """Top-1 query per region (regions may share a query): pred_masks bool [R, H, W], scores [R],
+    pred_query_ids [R]."""
+    scores = interactive_scores(region_logits, mask_logits)
+    if scores.shape[0] == 0:
+        best, q = scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=scores.device)
+    else:
+        best, q = scores.max(dim=1)
+    return _instances(mask_logits.shape[-2:], mask_logits[q].float() > 0, best, pred_query_ids=q)
+
+
+# ----------------------------------------------------------------------------------------------
+# batched entry point
+# ----------------------------------------------------------------------------------------------
+def _per_sample(x, i: int):
+    """Sample i of a batched head output (Tensor [B, ...] or list), or None."""
+    if x is None:
+        return None
+    return x[i]
+
+
+class PSALMPostProcessor:
+    """Predictor outputs + the batch's input dicts -> one detectron2-standard result dict per image.
+
+    Reads from each input dict ``task``, ``padding_mask`` [S, S], ``height``, ``width`` and, for
+    ``panoptic``, ``is_thing`` (K flags, in ``class_names`` order).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        detections_per_image: int = 100,
+        panoptic_semantic_on: bool = True,
+        panoptic_instance_on: bool = True,
+        semantic_postprocess_before_inference: bool = False,
+        gres_score_threshold: float = 0.6,
+        gres_no_target: str = "top1",
+    ):
+        """
+        Args:
+            object_mask_threshold, overlap_threshold: panoptic thresholds (Mask2Former: 0.8 / 0.8).
+            detections_per_image: instance top-k over Q*K.
+            panoptic_semantic_on / panoptic_instance_on: the ``panoptic`` task also returns
+                ``sem_seg`` / thing-only ``instances``.
+            semantic_postprocess_before_inference: ``semantic`` task: resize the mask logits before
+                the class einsum (True) or resize the [K, S, S] result (False, Mask2Former default).
+            gres_score_threshold, gres_no_target: see :func:`gres_inference`.
+        """
+        if gres_no_target not in GRES_NO_TARGET_MODES:
+            raise ValueError(
+                f"TEST.PSALM.GREF_NO_TARGET must be one of {GRES_NO_TARGET_MODES}, got {gres_no_target!r}"
+            )
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.detections_per_image = detections_per_image
+        self.panoptic_semantic_on = panoptic_semantic_on
+        self.panoptic_instance_on = panoptic_instance_on
+        self.semantic_postprocess_before_inference = semantic_postprocess_before_inference
+        self.gres_score_threshold = gres_score_threshold
+        self.gres_no_target = gres_no_target
+
+    @classmethod
+    def from_config(cls, cfg):
+        t = cfg.MODEL.MASK_FORMER.TEST
+        return {
+            "object_mask_threshold": t.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": t.OVERLAP_THRESHOLD,
+            "detections_per_image": t.DETECTIONS_PER_IMAGE,
+            "panoptic_semantic_on": t.SEMANTIC_ON,
+            "panoptic_instance_on": t.INSTANCE_ON,
+            "semantic_postprocess_before_inference": t.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "gres_score_threshold": cfg.TEST.PSALM.GREF_SCORE_THRESHOLD,
+            "gres_no_target": cfg.TEST.PSALM.GREF_NO_TARGET,
+        }
+
+    def __call__(self, outputs: Mapping, batched_inputs: Sequence[Mapping]) -> list[dict]:
+        """
+        Args:
+            outputs: predictor outputs: ``pred_masks`` [B, Q, S/4, S/4]; ``pred_class_logits``
+                [B, Q, K+1] (or a list of [Q, K_b+1]); ``pred_refer_logits`` [B, Q, 1];
+                ``pred_region_logits`` list of [R_b, Q]. Heads a batch does not use may be None.
+            batched_inputs: the B model input dicts (``docs/DESIGN.md``).
+        Returns:
+            B result dicts (``docs/DESIGN.md``, "Model output").
+        """
+        pred_masks = outputs["pred_masks"]
+        if pred_masks.shape[0] != len(batched_inputs):
+            raise ValueError(f"{pred_masks.shape[0]} mask predictions for {len(batched_inputs)} inputs")
+        results = []
+        for i, inp in enumerate(batched_inputs):
+            results.append(
+                self.single(
+                    inp,
+                    pred_masks[i],
+                    class_logits=_per_sample(outputs.get("pred_class_logits"), i),
+                    refer_logits=_per_sample(outputs.get("pred_refer_logits"), i),
+                    region_logits=_per_sample(outputs.get("pred_region_logits"), i),
+                )
+            )
+        return results
+
+    @staticmethod
+    def _require(value, name: str, task: str):
+        if value is None:
+            raise ValueError(f"task {task!r} needs the predictor output {name!r}, which is None")
+        return value
+
+    def single(self, inp: Mapping, mask_logits: torch.Tensor, class_logits=None, refer_logits=None, region_logits=None) -> dict:
+        """Post-process one image: mask_logits [Q, h, w] at stride 4 plus that image's head outputs."""
+        task = check_task(inp["task"])
+        padding_mask = inp["padding_mask"]
+        input_size = tuple(padding_mask.shape[-2:])
+        valid_size = valid_size_from_padding_mask(padding_mask)
+        out_size = (int(inp.get("height", valid_size[0])), int(inp.get("width", valid_size[1])))
+
+        if task in CATEGORY_TASKS:
+            class_logits = self._require(class_logits, "pred_class_logits", task)
+        if task == "semantic" and not self.semantic_postprocess_before_inference:
+            dtype = torch.promote_types(mask_logits.dtype, torch.float32)
+            up = F.interpolate(mask_logits[None].to(dtype), size=input_size, mode="bilinear", align_corners=False)[0]
+            sem = semantic_inference(class_logits, up)
+            return {"sem_seg": sem_seg_postprocess(sem, valid_size, *out_size)}
+
+        masks = resize_mask_logits(mask_logits, input_size, valid_size, out_size).float()
+        if task == "semantic":
+            return {"sem_seg": semantic_inference(class_logits, masks)}
+        if task == "instance":
+            return {"instances": instance_inference(class_logits, masks, self.detections_per_image)}
+        if task == "panoptic":
+            is_thing = inp.get("is_thing")
+            if is_thing is None:
+                raise ValueError(
+                    "panoptic inference needs 'is_thing' (K bools, class_names order) in the input dict; "
+                    "the dataset mapper sets it from the metadata's thing/stuff classes"
+                )
+            result = {
+                "panoptic_seg": panoptic_inference(
+                    class_logits, masks, is_thing, self.object_mask_threshold, self.overlap_threshold
+                )
+            }
+            if self.panoptic_semantic_on:
+                result["sem_seg"] = semantic_inference(class_logits, masks)
+            if self.panoptic_instance_on:
+                result["instances"] = instance_inference(
+                    class_logits, masks, self.detections_per_image, is_thing=is_thing
+                )
+            return result
+        if task == "referring":
+            return {"instances": referring_inference(self._require(refer_logits, "pred_refer_logits", task), masks)}
+        if task == "gres":
+            inst, no_target = gres_inference(
+                self._require(refer_logits, "pred_refer_logits", task),
+                masks,
+                self.gres_score_threshold,
+                self.gres_no_target,
+            )
+            return {"instances": inst, "no_target": no_target}
+        if task == "interactive":
+            return {
+                "instances": interactive_inference(self._require(region_logits, "pred_region_logits", task), masks)
+            }
+        raise ValueError(f"task {task!r} has no segmentation post-processing (text tasks are generated)")

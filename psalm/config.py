@@ -109,6 +109,8 @@ def _add_psalm_model_config(cfg):
     cfg.MODEL.PSALM.PROJECTOR.IN_FEATURE = "res5"
     # official BasicBlock applies conv2 twice; the released weights need it (compat)
     cfg.MODEL.PSALM.PROJECTOR.CONV2_TWICE = True
+    # "swin_conv" BasicBlock width (hard-coded 2048 in the official code; the fc maps it to the LLM size)
+    cfg.MODEL.PSALM.PROJECTOR.MID_DIM = 2048
 
     # --- language model (transformers' PhiForCausalLM, no remote code)
     cfg.MODEL.PSALM.LLM = CN()
@@ -178,6 +180,14 @@ def _add_data_config(cfg):
     # "random": one task per iteration drawn with TRAIN_RATIOS (paper); "round_robin": official.
     cfg.DATALOADER.TASK_SAMPLING = "random"
     cfg.DATALOADER.ROUND_ROBIN_PERIOD = 16
+    # the built-in synthetic data set (psalm_synthetic_*; psalm/data/synthetic.py), generated on
+    # first use. ROOT "": $PSALM_SYNTHETIC_DIR or ./datasets/psalm_synthetic
+    cfg.DATASETS.SYNTHETIC = CN()
+    cfg.DATASETS.SYNTHETIC.ROOT = ""
+    cfg.DATASETS.SYNTHETIC.SEED = 0
+    cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 128
+    cfg.DATASETS.SYNTHETIC.NUM_TRAIN = 400
+    cfg.DATASETS.SYNTHETIC.NUM_VAL = 40
 
 
 def _add_solver_config(cfg):
@@ -188,6 +198,25 @@ def _add_solver_config(cfg):
     cfg.SOLVER.AMP.PRECISION = "bf16"
     # "ddp" | "fsdp" (full sharding) | "zero" (ZeroRedundancyOptimizer: optimizer-state sharding)
     cfg.SOLVER.SHARDING = "ddp"
+    # PSALM trains without weight decay (paper Table 16); detectron2's default is 1e-4
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    # single-task batches leave the other tasks' heads without gradient
+    cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS = True
+    cfg.SOLVER.FSDP = CN()
+    # class names of the sub-modules that become their own FSDP unit (then the root)
+    cfg.SOLVER.FSDP.WRAP_MODULES = ["PhiDecoderLayer", "SwinStage"]
+    cfg.SOLVER.FSDP.RESHARD_AFTER_FORWARD = True
+    # fnmatch patterns of the parameters to train (empty: whatever the model leaves trainable);
+    # e.g. stage 1: ["projector.*"]
+    cfg.SOLVER.TRAINABLE_PARAMETERS = []
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model" (one norm over all gradients)
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    # keep at most this many periodic checkpoints (0: all); model_final is always kept
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # console / metrics.json / TensorBoard period in iterations
+    cfg.SOLVER.LOG_PERIOD = 20
 
 
 def _add_test_config(cfg):
@@ -200,7 +229,14 @@ def _add_test_config(cfg):
     cfg.TEST.PSALM.REFERRING_PROTOCOL = "per_ref"
     # interactive evaluation prompt type: point | scribble | box | mask
     cfg.TEST.PSALM.INTERACTIVE_PROMPT_TYPE = "point"
+    # ground-truth polygons -> masks in our referring / gres / interactive evaluators:
+    # "coco" (pycocotools, standard) | "official" (cv2.fillPoly after int32 truncation, as the
+    # official evaluation scripts; use it to reproduce their numbers exactly)
+    cfg.TEST.PSALM.GT_POLYGON_RASTERIZER = "coco"
     cfg.TEST.PSALM.MAX_NEW_TOKENS = 128
+    # Inference precision (PSALMPredictor, tools/benchmark.py): "auto" = bf16 autocast on CUDA, fp32 on
+    # CPU; "fp32"; "bf16" (autocast, CUDA or CPU); "fp16" (autocast, CUDA only).
+    cfg.TEST.PSALM.DTYPE = "auto"
 
 
 def add_psalm_config(cfg):

@@ -209,3 +209,17 @@ def test_converter_rejects_nonstandard_relative_position_index(golden_dir):
     sd[key] = sd[key].flip(0)
     with pytest.raises(ValueError, match="relative-position index"):
         official_backbone_to_psalm(sd)
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    plain = build_backbone(get_psalm_cfg(TINY)).train()
+    ckpt = build_backbone(get_psalm_cfg(TINY, ["MODEL.SWIN.USE_CHECKPOINT", "True"])).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.model.swin.encoder.layers[0].gradient_checkpointing
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for model in (plain, ckpt):
+        sum(f.square().sum() for f in model(x).values()).backward()
+        grads.append(model.model.swin.embeddings.patch_embeddings.projection.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -150,20 +150,22 @@ def official_backbone_to_psalm(
 ) -> KeyConversion:
     """Official PSALM Swin (``model.vision_tower.*``) -> :class:`PSALMSwinTransformer` (transformers names).
 
-    ===============================================  ===============================================================
-    official (under ``src_prefix``)                   ours (under ``dst_prefix``)
-    ===============================================  ===============================================================
-    ``patch_embed.proj.*``                            ``model.swin.embeddings.patch_embeddings.projection.*``
-    ``patch_embed.norm.*``                            ``model.swin.embeddings.norm.*``
-    ``layers.i.blocks.j.norm1.*`` / ``norm2.*``       ``model.swin.encoder.layers.i.blocks.j.layernorm_before.*`` / ``layernorm_after.*``
-    ``layers.i.blocks.j.attn.qkv.{weight,bias}``      split in 3 along dim 0 -> ``...attention.{q,k,v}_proj.*``
-    ``layers.i.blocks.j.attn.proj.*``                 ``...attention.o_proj.*``
-    ``layers.i.blocks.j.attn.relative_position_bias_table``  ``...attention.relative_position_bias.relative_position_bias_table``
-    ``layers.i.blocks.j.attn.relative_position_index``  dropped (checked equal to the standard index, then recomputed)
-    ``layers.i.blocks.j.mlp.fc{1,2}.*``               ``...blocks.j.mlp.fc{1,2}.*``
-    ``layers.i.downsample.{reduction,norm}.*``        ``model.swin.encoder.layers.i.downsample.*``
-    ``norm{i}.*`` (i = 0..3)                          ``model.hidden_states_norms.stage{i+1}.*``
-    ===============================================  ===============================================================
+    Official key (under ``src_prefix``) -> ours (under ``dst_prefix``); i = stage, j = block:
+
+    * ``patch_embed.proj.*`` -> ``model.swin.embeddings.patch_embeddings.projection.*``
+    * ``patch_embed.norm.*`` -> ``model.swin.embeddings.norm.*``
+    * ``layers.i.blocks.j.norm1.*`` / ``norm2.*`` -> ``model.swin.encoder.layers.i.blocks.j.layernorm_before.*`` /
+      ``layernorm_after.*``
+    * ``layers.i.blocks.j.attn.qkv.{weight,bias}`` -> split in 3 equal chunks along dim 0 (rows [0:C] q,
+      [C:2C] k, [2C:3C] v) -> ``...blocks.j.attention.{q_proj,k_proj,v_proj}.*``
+    * ``layers.i.blocks.j.attn.proj.*`` -> ``...blocks.j.attention.o_proj.*``
+    * ``layers.i.blocks.j.attn.relative_position_bias_table`` ->
+      ``...blocks.j.attention.relative_position_bias.relative_position_bias_table``
+    * ``layers.i.blocks.j.attn.relative_position_index`` -> dropped (checked equal to the standard index;
+      transformers recomputes it)
+    * ``layers.i.blocks.j.mlp.fc1.*`` / ``fc2.*`` -> ``...blocks.j.mlp.fc1.*`` / ``fc2.*``
+    * ``layers.i.downsample.{reduction,norm}.*`` -> ``model.swin.encoder.layers.i.downsample.*``
+    * ``norm{i}.*`` (i = 0..3) -> ``model.hidden_states_norms.stage{i+1}.*``
     """
     return _swin_to_psalm(sd, src_prefix, dst_prefix)
 

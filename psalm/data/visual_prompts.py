@@ -15,7 +15,7 @@ Two jobs, both at the ORIGINAL image resolution:
 Prompt types are named ``point``, ``scribble``, ``box``, ``mask``; stored prompts are COCO RLE dicts
 ``{"counts": str, "size": [h, w]}``.
 """
-from typing import Dict, Optional
+from typing import Dict
 
 import cv2
 import numpy as np
@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 __all__ = [
     "PROMPT_TYPES",
     "decode_rle",
+    "rle_area",
     "encode_rle",
     "disk_kernel",
     "dilate_disk",
@@ -38,15 +39,24 @@ _MAX_TRIES = 1000
 # ----------------------------------------------------------------------------- RLE
 def decode_rle(rle: Dict) -> np.ndarray:
     """COCO RLE (compressed ``counts`` str/bytes, or uncompressed list) -> bool [h, w]."""
+    return mask_utils.decode(_to_coco_rle(rle)).astype(bool)
+
+
+def _to_coco_rle(rle: Dict) -> Dict:
     if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
         raise ValueError(f"expected a COCO RLE dict with 'counts' and 'size', got {type(rle).__name__}: {rle!r:.100}")
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, list):
-        rle = mask_utils.frPyObjects(rle, h, w)
-    elif isinstance(counts, str):
-        rle = {"counts": counts.encode("ascii"), "size": [h, w]}
-    return mask_utils.decode(rle).astype(bool)
+        return mask_utils.frPyObjects(rle, h, w)
+    if isinstance(counts, str):
+        return {"counts": counts.encode("ascii"), "size": [h, w]}
+    return rle
+
+
+def rle_area(rle: Dict) -> int:
+    """Number of foreground pixels of a COCO RLE (no decoding)."""
+    return int(mask_utils.area(_to_coco_rle(rle)))
 
 
 def encode_rle(mask: np.ndarray) -> Dict:
@@ -99,12 +109,12 @@ def rasterize_prompt(
 
 # ----------------------------------------------------------------------------- generation
 def _components(mask: np.ndarray, min_area: int):
-    """(bbox (r0, c0, r1, c1) exclusive, centroid (row, col), component mask) of the components
-    with more than ``min_area`` pixels, in skimage ``label`` order (raster order of first pixel)."""
+    """(bbox (r0, c0, r1, c1) end-exclusive, centroid (row, col)) of the 8-connected components with
+    more than ``min_area`` pixels, in skimage ``label`` order (raster order of their first pixel)."""
     from skimage.measure import label, regionprops
 
     return [
-        (p.bbox, p.centroid, p.image, p.area)
+        (p.bbox, p.centroid)
         for p in regionprops(label(mask, connectivity=2))
         if p.area > min_area
     ]
@@ -112,7 +122,7 @@ def _components(mask: np.ndarray, min_area: int):
 
 def _point_prompt(mask, components, rng) -> np.ndarray:
     out = np.zeros(mask.shape, dtype=bool)
-    for (r0, c0, r1, c1), (cr, cc), _, _ in components:
+    for (r0, c0, r1, c1), (cr, cc) in components:
         radius = 0.5 * min(r1 - r0, c1 - c0)
         for _ in range(_MAX_TRIES):
             angle = rng.uniform(0.0, 2.0 * np.pi)
@@ -136,7 +146,7 @@ def _mask_prompt(mask) -> np.ndarray:
 def _box_prompt(mask, components, rng) -> np.ndarray:
     h, w = mask.shape
     out = np.zeros(mask.shape, dtype=bool)
-    for (r0, c0, r1, c1), _, _, _ in components:
+    for (r0, c0, r1, c1), _ in components:
         scale = rng.uniform(0.9, 1.1)
         dh, dw = (r1 - r0) * (scale - 1.0) / 2.0, (c1 - c0) * (scale - 1.0) / 2.0
         out[max(0, int(r0 - dh)) : min(h, int(r1 + dh)), max(0, int(c0 - dw)) : min(w, int(c1 + dw))] = True
@@ -156,7 +166,7 @@ def _scribble_prompt(mask, components, rng) -> np.ndarray:
 
     h, w = mask.shape
     out = np.zeros(mask.shape, dtype=bool)
-    for box, (cr, cc), _, _ in components:
+    for box, (cr, cc) in components:
         r0, c0, r1, c1 = box
 
         def jittered():

@@ -3,11 +3,14 @@
 For a segmentation batch, the predictor returns mask logits for Q queries plus ONE kind of scores
 (the meta-architecture gates the heads per task, as the official code does):
 
-| head (outputs key) | tasks | label loss (``loss_ce``) |
-|---|---|---|
-| ``pred_class_logits`` [B, Q, K+1] | panoptic / instance / semantic | cross-entropy over K+1, weight ``NO_OBJECT_WEIGHT`` (0.1) on the last (background) class; unmatched queries -> background |
-| ``pred_refer_logits`` [B, Q, 1] | referring / gres | BCE-with-logits, target 1 at matched queries, ``pos_weight = (B*Q - M) / M`` |
-| ``pred_region_logits`` list of [R_b, Q] | interactive | BCE-with-logits over all flattened [R_b, Q], target 1 at (region j, query matched to GT j), ``pos_weight = (sum_b R_b*Q - M) / M`` |
+* ``pred_class_logits`` [B, Q, K+1] (panoptic / instance / semantic): cross-entropy over K+1
+  classes with weight ``NO_OBJECT_WEIGHT`` (0.1) on the last (background) class; unmatched
+  queries get the background target.
+* ``pred_refer_logits`` [B, Q, 1] (referring / gres): BCE-with-logits, target 1 at the matched
+  queries, ``pos_weight = (B*Q - M) / M``.
+* ``pred_region_logits`` list of B [R_b, Q] (interactive): BCE-with-logits over all flattened
+  [R_b, Q] scores, target 1 at (region j, query matched to GT j),
+  ``pos_weight = (sum_b R_b*Q - M) / M``.
 
 plus, for every task, the point-sampled mask losses ``loss_mask`` (sigmoid BCE averaged over
 points) and ``loss_dice`` on the matched (query, GT) pairs, each summed and divided by M. M is the
@@ -20,7 +23,7 @@ Loss names (no per-task prefix; the batch's task is known to the caller): ``loss
 returned values are ALREADY WEIGHTED (class 2 / mask 5 / dice 5 by default): the total loss is
 ``sum(losses.values())``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 from detectron2.data.datasets.coco import load_sem_seg
-from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from detectron2.structures import BoxMode
 
 from psalm.data.class_names import load_categories
@@ -33,8 +32,9 @@ def coco_panoptic_metadata() -> dict:
     cats = load_categories("coco_panoptic")
     names = [c["name"] for c in cats]
     return {
-        "class_names": names,
-        "class_names_source": "coco_panoptic",
+        "prompt_class_names": names,
+        "prompt_is_thing": [bool(c["isthing"]) for c in cats],
+        "prompt_class_names_source": "coco_panoptic",
         "thing_classes": [c["name"] for c in cats if c["isthing"]],
         "thing_colors": [c["color"] for c in cats if c["isthing"]],
         "stuff_classes": names,
@@ -50,8 +50,9 @@ def coco_panoptic_metadata() -> dict:
 def coco_instance_metadata() -> dict:
     cats = load_categories("coco_instance")
     return {
-        "class_names": [c["name"] for c in cats],
-        "class_names_source": "coco_instance",
+        "prompt_class_names": [c["name"] for c in cats],
+        "prompt_is_thing": [True] * len(cats),
+        "prompt_class_names_source": "coco_instance",
         "thing_classes": [c["name"] for c in cats],
         "thing_colors": [c["color"] for c in cats],
         "thing_dataset_id_to_contiguous_id": contiguous_map(c["id"] for c in cats),
@@ -119,6 +120,48 @@ def load_coco_instances_json(
     return out
 
 
+def load_panoptic_json(json_file: str, image_root: str, pan_root: str, meta: dict, dataset_name: str, prepare: str,
+                       image_ext: str = ".jpg") -> list[dict]:
+    """A COCO-panoptic-format JSON -> detectron2 dicts (``segments_info`` with contiguous ids, ``isthing``).
+
+    Like detectron2's ``load_coco_panoptic_json`` but keeps non-integer image ids (ADE20K) and adds
+    ``height`` / ``width``. ``meta`` needs ``thing_/stuff_dataset_id_to_contiguous_id``.
+    """
+    data = load_json(json_file, dataset_name, prepare)
+    require_path(pan_root, dataset_name, prepare, is_dir=True)
+    require_path(image_root, dataset_name, prepare, is_dir=True)
+    things, stuff = meta["thing_dataset_id_to_contiguous_id"], meta["stuff_dataset_id_to_contiguous_id"]
+    images = {img["id"]: img for img in data["images"]}
+    out = []
+    for ann in data["annotations"]:
+        img = images[ann["image_id"]]
+        segs = []
+        for s in ann["segments_info"]:
+            cat = int(s["category_id"])
+            if cat in things:
+                cont, isthing = things[cat], True
+            elif cat in stuff:
+                cont, isthing = stuff[cat], False
+            else:
+                raise ValueError(f"Data set '{dataset_name}': segment category {cat} in {json_file!r} is unknown")
+            seg = dict(s)
+            seg.update(category_id=cont, isthing=isthing, iscrowd=int(s.get("iscrowd", 0)))
+            segs.append(seg)
+        out.append(
+            {
+                "file_name": os.path.join(image_root, os.path.splitext(ann["file_name"])[0] + image_ext),
+                "height": img["height"],
+                "width": img["width"],
+                "image_id": ann["image_id"],
+                "pan_seg_file_name": os.path.join(pan_root, ann["file_name"]),
+                "segments_info": segs,
+                "task": "panoptic",
+            }
+        )
+    log_loaded(dataset_name, len(out), "images")
+    return out
+
+
 def _coco_paths(root: str, split: str) -> dict:
     c = os.path.join(root, "coco")
     return {
@@ -131,16 +174,12 @@ def _coco_paths(root: str, split: str) -> dict:
 
 
 def _load_panoptic(name: str, p: dict, meta: dict) -> list[dict]:
-    require_path(p["panoptic_json"], name, COCO_DOWNLOAD)
-    require_path(p["panoptic_root"], name, COCO_DOWNLOAD + " (unzip panoptic_annotations_trainval2017)", is_dir=True)
-    require_path(p["image_root"], name, COCO_DOWNLOAD, is_dir=True)
-    dicts = load_coco_panoptic_json(p["panoptic_json"], p["image_root"], p["panoptic_root"], meta)
+    dicts = load_panoptic_json(
+        p["panoptic_json"], p["image_root"], p["panoptic_root"], meta, name,
+        COCO_DOWNLOAD + " (unzip panoptic_annotations_trainval2017 and its panoptic_*2017.zip)",
+    )
     for d in dicts:
-        d["task"] = "panoptic"
-        d["sem_seg_file_name"] = os.path.join(
-            p["sem_seg_root"], os.path.basename(d["pan_seg_file_name"])
-        )
-    log_loaded(name, len(dicts), "images")
+        d["sem_seg_file_name"] = os.path.join(p["sem_seg_root"], os.path.basename(d["pan_seg_file_name"]))
     return dicts
 
 

@@ -119,7 +119,7 @@ class PSALMSwinTransformer(Backbone):
             hidden_act="gelu",  # exact erf GELU, as the official nn.GELU
             use_absolute_embeddings=False,
             layer_norm_eps=1e-5,
-            out_features=[_FEATURE_TO_STAGE[f] for f in out_features],
+            out_features=[s for s in SWIN_STAGE_TO_FEATURE if SWIN_STAGE_TO_FEATURE[s] in out_features],
             attn_implementation=attn_implementation,
         )
         self.model = SwinBackbone(config)
@@ -127,7 +127,7 @@ class PSALMSwinTransformer(Backbone):
         # it so that the state dict holds no dead parameters.
         self.model.swin.layernorm = nn.Identity()
         if use_checkpoint:
-            self.model.gradient_checkpointing_enable()
+            self.model.activation_checkpointing_enable()
 
         # transformers returns the stages in network order; keep ours in the same order.
         self._out_features = [f for f in ("res2", "res3", "res4", "res5") if f in out_features]

@@ -1,0 +1,305 @@
+"""Multi-task training: ONE task (data set) per iteration, single-task batches, exact resume.
+
+``MultiTaskBatchSampler`` is an infinite batch sampler over T data sets (one task each). Every
+iteration t picks one data set d(t):
+
+* ``"random"`` (paper): d(t) drawn with probabilities ``ratios / sum(ratios)``;
+* ``"round_robin"`` (official): data sets in order, data set d for ``ratios[d] * period``
+  consecutive iterations (ratios must be integers; the official setting is all 1, period 16).
+
+and then the next ``batch_size`` (GLOBAL batch) samples of d's own stream, which visits d in a
+fresh random permutation every pass (like detectron2's ``TrainingSampler``). Rank r gets the
+slice ``[r * batch_size / world_size, (r + 1) * batch_size / world_size)`` of that global batch.
+
+Everything is a pure function of ``(seed, t)``: the choice of data set for block ``t // 4096`` comes
+from ``default_rng([seed, 0, block])``, the permutation of pass e of data set d from
+``default_rng([seed, 1, d, e])`` and each sample's own seed (for the mapper's random choices)
+from ``SeedSequence([seed, 2, t, position])``. Hence all ranks agree without communication, and
+``state_dict()`` is just the iteration number: loading it replays the data-set choices to restore
+every stream's position, so the continuation is exactly the one of an uninterrupted run.
+
+``build_psalm_train_loader(cfg)`` builds the data sets from ``DatasetCatalog`` and returns a
+:class:`PSALMTrainLoader`: an iterable of batches (``list`` of mapped dicts of one task) whose
+``state_dict()`` counts the batches the TRAINER consumed (not the ones prefetched by workers).
+"""
+import logging
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch.utils.data as torchdata
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.common import DatasetFromList
+from detectron2.utils import comm
+
+from psalm.modeling.tasks import check_task
+
+__all__ = ["MultiTaskBatchSampler", "MultiTaskDataset", "PSALMTrainLoader", "build_psalm_train_loader"]
+
+logger = logging.getLogger(__name__)
+
+_CHOICE_BLOCK = 4096  # data-set choices are drawn in blocks of this many iterations
+SampleRef = Tuple[int, int, int]  # (data-set index, sample index, sample seed)
+
+
+class MultiTaskBatchSampler:
+    """Infinite batch sampler yielding, per iteration, this rank's ``[(dataset, index, seed), ...]``.
+
+    Args:
+        dataset_sizes: number of samples of each of the T data sets.
+        batch_size: GLOBAL batch size (all ranks together); divisible by ``world_size``.
+        ratios: T non-negative sampling weights (default: equal).
+        mode: ``"random"`` or ``"round_robin"``.
+        round_robin_period: iterations per data set and ratio unit in round-robin mode.
+        seed: shared by all ranks. None: a random seed shared by all ranks
+            (``comm.shared_random_seed()``), replaced by the checkpoint's seed on resume.
+        rank / world_size: default: detectron2 ``comm``.
+    """
+
+    def __init__(
+        self,
+        dataset_sizes: Sequence[int],
+        batch_size: int,
+        ratios: Optional[Sequence[float]] = None,
+        mode: str = "random",
+        round_robin_period: int = 16,
+        seed: Optional[int] = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
+        self.dataset_sizes = [int(n) for n in dataset_sizes]
+        num = len(self.dataset_sizes)
+        if num == 0:
+            raise ValueError("MultiTaskBatchSampler needs at least one data set")
+        ratios = [1.0] * num if ratios is None or len(ratios) == 0 else [float(r) for r in ratios]
+        if len(ratios) != num:
+            raise ValueError(f"got {len(ratios)} ratios for {num} data sets (DATASETS.TRAIN_RATIOS vs DATASETS.TRAIN)")
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise ValueError(f"ratios must be >= 0 with a positive sum, got {ratios}")
+        for d, (n, r) in enumerate(zip(self.dataset_sizes, ratios)):
+            if r > 0 and n <= 0:
+                raise ValueError(f"data set {d} is empty but has sampling ratio {r}")
+        if mode not in ("random", "round_robin"):
+            raise ValueError(f"mode must be 'random' or 'round_robin' (DATALOADER.TASK_SAMPLING), got {mode!r}")
+        if mode == "round_robin":
+            if round_robin_period <= 0:
+                raise ValueError(f"round_robin_period must be positive, got {round_robin_period}")
+            if any(r != int(r) for r in ratios):
+                raise ValueError(f"round_robin mode needs integer ratios (iterations per period), got {ratios}")
+        self.ratios = ratios
+        self.mode = mode
+        self.round_robin_period = int(round_robin_period)
+        self._explicit_seed = seed is not None
+        self.seed = int(seed) if seed is not None else int(comm.shared_random_seed())
+        self.rank = comm.get_rank() if rank is None else int(rank)
+        self.world_size = comm.get_world_size() if world_size is None else int(world_size)
+        if batch_size <= 0 or batch_size % self.world_size:
+            raise ValueError(f"global batch size {batch_size} must be a positive multiple of world size {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        self.batch_size = int(batch_size)
+        self.local_batch_size = self.batch_size // self.world_size
+        self._probs = np.asarray(ratios) / sum(ratios)
+        if mode == "round_robin":
+            self._cycle = np.concatenate(
+                [np.full(int(r) * self.round_robin_period, d, dtype=np.int64) for d, r in enumerate(ratios)]
+            )
+        self._start_iter = 0
+        self._block_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._perm_cache: Dict[int, Tuple[int, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------ pure functions of (seed, t)
+    def _choice_block(self, block: int) -> np.ndarray:
+        if self._block_cache[0] != block:
+            if self.mode == "random":
+                rng = np.random.default_rng([self.seed, 0, block])
+                choices = rng.choice(len(self.dataset_sizes), size=_CHOICE_BLOCK, p=self._probs)
+            else:
+                t = np.arange(block * _CHOICE_BLOCK, (block + 1) * _CHOICE_BLOCK)
+                choices = self._cycle[t % len(self._cycle)]
+            self._block_cache = (block, choices.astype(np.int64))
+        return self._block_cache[1]
+
+    def dataset_at(self, iteration: int) -> int:
+        """Index of the data set (task) of iteration ``iteration``."""
+        return int(self._choice_block(iteration // _CHOICE_BLOCK)[iteration % _CHOICE_BLOCK])
+
+    def _stream_index(self, dataset: int, k: int) -> int:
+        """The k-th draw (k >= 0) of ``dataset``'s stream: a new permutation every pass."""
+        n = self.dataset_sizes[dataset]
+        epoch, pos = divmod(k, n)
+        cached = self._perm_cache.get(dataset)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, 1, dataset, epoch]).permutation(n)
+            self._perm_cache[dataset] = cached = (epoch, perm)
+        return int(cached[1][pos])
+
+    def _sample_seed(self, iteration: int, position: int) -> int:
+        return int(np.random.SeedSequence([self.seed, 2, iteration, position]).generate_state(1)[0])
+
+    def _consumed_before(self, iteration: int) -> List[int]:
+        """Samples drawn from each data set's stream by iterations 0 .. iteration-1 (replay)."""
+        counts = np.zeros(len(self.dataset_sizes), dtype=np.int64)
+        full_blocks, rest = divmod(iteration, _CHOICE_BLOCK)
+        for block in range(full_blocks):
+            counts += np.bincount(self._choice_block(block), minlength=len(counts))
+        if rest:
+            counts += np.bincount(self._choice_block(full_blocks)[:rest], minlength=len(counts))
+        return (counts * self.batch_size).tolist()
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[List[SampleRef]]:
+        iteration = self._start_iter
+        consumed = self._consumed_before(iteration)
+        positions = range(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+        while True:
+            dataset = self.dataset_at(iteration)
+            yield [
+                (dataset, self._stream_index(dataset, consumed[dataset] + p), self._sample_seed(iteration, p))
+                for p in positions
+            ]
+            consumed[dataset] += self.batch_size
+            iteration += 1
+
+    # ------------------------------------------------------------------ resume
+    def _fingerprint(self) -> Dict:
+        return {
+            "seed": self.seed,
+            "mode": self.mode,
+            "ratios": list(self.ratios),
+            "round_robin_period": self.round_robin_period,
+            "dataset_sizes": list(self.dataset_sizes),
+            "batch_size": self.batch_size,
+        }
+
+    def state_dict(self, iteration: Optional[int] = None) -> Dict:
+        """``{"iteration": ..., **settings}``; ``iteration`` defaults to the start iteration set by
+        :meth:`load_state_dict` (pass the number of batches consumed since the start)."""
+        return {"iteration": self._start_iter if iteration is None else int(iteration), **self._fingerprint()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Resume at ``state["iteration"]`` (applies to the next ``iter()``); the settings must match."""
+        if not self._explicit_seed and "seed" in state and int(state["seed"]) != self.seed:
+            self.seed = int(state["seed"])  # random seed of the interrupted run
+            self._block_cache, self._perm_cache = (-1, None), {}
+        mine = self._fingerprint()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
+        if diff:
+            raise ValueError(
+                "cannot resume the task sampler: settings differ from the checkpoint "
+                f"(key: (checkpoint, now)) {diff}; resume with the same DATASETS / SEED / batch size"
+            )
+        if int(state["iteration"]) < 0:
+            raise ValueError(f"iteration must be >= 0, got {state['iteration']}")
+        self._start_iter = int(state["iteration"])
+
+
+class MultiTaskDataset(torchdata.Dataset):
+    """Maps ``(dataset, index, seed)`` to ``mapper[dataset](dicts[dataset][index], rng)``."""
+
+    def __init__(self, dataset_lists: Sequence[Sequence[Dict]], mappers: Sequence):
+        if len(dataset_lists) != len(mappers):
+            raise ValueError(f"{len(dataset_lists)} data sets but {len(mappers)} mappers")
+        # serialised storage (detectron2): no per-worker copy-on-read growth of Python objects
+        self.datasets = [DatasetFromList(list(d), copy=False, serialize=True) for d in dataset_lists]
+        self.mappers = list(mappers)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, ref: SampleRef) -> Dict:
+        dataset, index, seed = ref
+        return self.mappers[dataset](self.datasets[dataset][index], rng=np.random.default_rng(seed))
+
+
+def _trivial_batch_collator(batch):
+    return batch
+
+
+class PSALMTrainLoader:
+    """Iterable of training batches (``list`` of mapped dicts, all of one task) with exact resume.
+
+    ``state_dict()`` / ``load_state_dict()`` describe the position in batches the consumer has
+    TAKEN from this iterator (prefetched batches are not counted); call ``load_state_dict`` before
+    iterating.
+    """
+
+    def __init__(self, sampler: MultiTaskBatchSampler, dataset: MultiTaskDataset, num_workers: int = 0,
+                 dataset_names: Sequence[str] = ()):
+        self.sampler = sampler
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.dataset_names = list(dataset_names)
+        self._consumed = 0
+        self._start = 0
+
+    def __iter__(self) -> Iterator[List[Dict]]:
+        self.sampler.load_state_dict({"iteration": self._start + self._consumed})
+        self._start, self._consumed = self._start + self._consumed, 0
+        loader = torchdata.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=_trivial_batch_collator,
+            pin_memory=False,
+        )
+        for batch in loader:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> Dict:
+        return self.sampler.state_dict(iteration=self._start + self._consumed)
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._start, self._consumed = int(state["iteration"]), 0
+
+
+def _dataset_task(cfg, i: int, name: str, dicts: List[Dict]) -> str:
+    if cfg.DATASETS.TRAIN_TASKS:
+        return check_task(cfg.DATASETS.TRAIN_TASKS[i])
+    task = MetadataCatalog.get(name).get("task", None)
+    if task is None and dicts:
+        task = dicts[0].get("task")
+    if task is None:
+        raise ValueError(f"no task for data set {name!r}: set DATASETS.TRAIN_TASKS or register it with a task")
+    return check_task(task)
+
+
+def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
+    """Multi-task training loader from ``cfg.DATASETS.TRAIN`` (one task per data set).
+
+    Args:
+        cfg: config with DATASETS.TRAIN (+ TRAIN_TASKS, TRAIN_RATIOS), SOLVER.IMS_PER_BATCH (global
+            batch), DATALOADER.{TASK_SAMPLING, ROUND_ROBIN_PERIOD, NUM_WORKERS}, SEED (< 0: a
+            random seed shared by the ranks and stored in ``state_dict``).
+        mapper_factory: ``f(cfg, dataset_name, task) -> callable(dict, rng=None)``; default
+            :class:`PSALMDatasetMapper` for training with the data set's metadata and task.
+    """
+    from .mapper import PSALMDatasetMapper
+
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("DATASETS.TRAIN is empty")
+    if cfg.DATASETS.TRAIN_TASKS and len(cfg.DATASETS.TRAIN_TASKS) != len(names):
+        raise ValueError(f"DATASETS.TRAIN_TASKS has {len(cfg.DATASETS.TRAIN_TASKS)} entries for {len(names)} data sets")
+    if mapper_factory is None:
+        def mapper_factory(cfg, name, task):
+            return PSALMDatasetMapper(cfg, is_train=True, dataset_name=name, task=task)
+    lists, mappers = [], []
+    for i, name in enumerate(names):
+        dicts = DatasetCatalog.get(name)
+        task = _dataset_task(cfg, i, name, dicts)
+        lists.append(dicts)
+        mappers.append(mapper_factory(cfg, name, task))
+        logger.info("train data set %s: task %s, %d samples", name, task, len(dicts))
+    seed = cfg.SEED if cfg.SEED >= 0 else None  # None: shared random seed (detectron2 convention)
+    sampler = MultiTaskBatchSampler(
+        [len(d) for d in lists],
+        cfg.SOLVER.IMS_PER_BATCH,
+        ratios=list(cfg.DATASETS.TRAIN_RATIOS) or None,
+        mode=cfg.DATALOADER.TASK_SAMPLING,
+        round_robin_period=cfg.DATALOADER.ROUND_ROBIN_PERIOD,
+        seed=seed,
+    )
+    return PSALMTrainLoader(sampler, MultiTaskDataset(lists, mappers), cfg.DATALOADER.NUM_WORKERS, names)

@@ -1,0 +1,236 @@
+"""Atomic, sharding-aware checkpoints with everything needed for an exact resume.
+
+:class:`PSALMCheckpointer` keeps detectron2's ``DetectionCheckpointer`` conventions (``<name>.pth``
+files with a top-level ``"model"`` key, a ``last_checkpoint`` tag, ``resume_or_load``) and adds:
+
+* **atomic files**: data go to a temporary file in the same folder, are ``fsync``-ed and then
+  ``os.replace``-d over the target (the folder is ``fsync``-ed too). A crash at any moment leaves
+  either the previous file or the new one, never a torn one; the ``last_checkpoint`` tag is written
+  the same way and only after the checkpoint itself.
+* **full state under any sharding**: the model and optimiser states are gathered with
+  ``torch.distributed.checkpoint.state_dict`` (DDP, FSDP2) or ZeRO's ``consolidate_state_dict``;
+  optimiser states are always stored with parameter NAMES as keys, so a checkpoint resumes under
+  any ``SOLVER.SHARDING`` and world size. ``save`` is therefore COLLECTIVE: every rank calls it,
+  rank 0 writes.
+* **per-rank state** (:class:`PerRankState`, e.g. RNG states) is gathered from every rank and
+  given back to the same rank on load.
+* files load with ``torch.load(weights_only=True)``: no arbitrary code runs on load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from typing import Any, Dict
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+from fvcore.common.checkpoint import _IncompatibleKeys, _strip_prefix_if_present
+
+from .distributed import is_fsdp, unwrap_model
+
+__all__ = ["atomic_save", "atomic_write_text", "PSALMCheckpointer", "PerRankState", "OptimizerState"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- atomic files
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ----------------------------------------------------------------------------- checkpointables
+class PerRankState:
+    """Checkpointable adapter: ``state_dict()`` gathers ``obj``'s state from every rank (a list);
+    ``load_state_dict(list)`` gives each rank its own entry back."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def state_dict(self):
+        return comm.all_gather(self.obj.state_dict())
+
+    def load_state_dict(self, states) -> None:
+        rank, world = comm.get_rank(), comm.get_world_size()
+        if len(states) != world:
+            logger.warning(
+                "checkpoint holds per-rank state of %d process(es), this job has %d: rank %d uses entry %d; "
+                "the continuation is not an exact replay of the original run", len(states), world, rank,
+                rank % len(states),
+            )
+        self.obj.load_state_dict(states[rank % len(states)])
+
+
+def _param_names(model: torch.nn.Module) -> Dict[int, str]:
+    return {id(p): name for name, p in unwrap_model(model).named_parameters()}
+
+
+class OptimizerState:
+    """Checkpointable adapter for the optimiser: full state keyed by parameter name (collective)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    @property
+    def is_zero(self) -> bool:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return isinstance(self.optimizer, ZeroRedundancyOptimizer)
+
+    def _ordered_names(self) -> list[str]:
+        names = _param_names(self.model)
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def state_dict(self) -> Dict:
+        if self.is_zero:
+            self.optimizer.consolidate_state_dict(to=0)
+            if not comm.is_main_process():
+                return {}
+            sd = self.optimizer.state_dict()
+            names = self._ordered_names()
+            return {
+                "state": {names[i]: s for i, s in sd["state"].items()},
+                "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]],
+            }
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def load_state_dict(self, state: Dict) -> None:
+        if self.is_zero:
+            index = {n: i for i, n in enumerate(self._ordered_names())}
+            missing = [n for g in state["param_groups"] for n in g["params"] if n not in index]
+            if missing:
+                raise KeyError(f"optimizer state has parameters the model does not train: {missing[:5]}")
+            self.optimizer.load_state_dict(
+                {
+                    "state": {index[n]: s for n, s in state["state"].items()},
+                    "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]],
+                }
+            )
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- checkpointer
+class PSALMCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic, sharding-aware saving (see the module docstring).
+
+    Args:
+        model: the model as trained (bare, DDP or FSDP2).
+        save_dir: output folder.
+        checkpointables: objects with ``state_dict`` / ``load_state_dict`` (wrap the optimiser in
+            :class:`OptimizerState` and per-rank objects in :class:`PerRankState`).
+    """
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.wrapped_model = model
+
+    # ------------------------------------------------------------------ saving (collective)
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full model state dict on rank 0 ({} on other ranks when sharded). Collective."""
+        if comm.get_world_size() == 1 and not is_fsdp(self.wrapped_model):
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.wrapped_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` atomically. COLLECTIVE: call it on every rank."""
+        if not self.save_dir:
+            return
+        data = {"model": self.model_state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data["world_size"] = comm.get_world_size()
+        data.update(kwargs)
+        if self.save_to_disk:
+            basename = f"{name}.pth"
+            path = os.path.join(self.save_dir, basename)
+            logger.info("Saving checkpoint to %s", path)
+            atomic_save(data, path)
+            self.tag_last_checkpoint(basename)
+        comm.synchronize()
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+    # ------------------------------------------------------------------ loading
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(filename)}
+        if filename.endswith((".pth", ".pt")):
+            try:
+                loaded = torch.load(filename, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise RuntimeError(
+                    f"{filename!r} holds Python objects that torch.load(weights_only=True) refuses to load "
+                    f"({e}). psalm checkpoints contain only tensors and plain containers; convert a foreign "
+                    "checkpoint with the tools/convert_*.py scripts"
+                ) from e
+            return loaded if "model" in loaded else {"model": loaded}
+        return super()._load_file(filename)
+
+    def _load_model(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
+        if not is_fsdp(self.wrapped_model):
+            return super()._load_model(checkpoint)
+        if checkpoint.get("matching_heuristics", False):
+            raise ValueError("loading a converted .pkl into an FSDP model is not supported; load it into the "
+                             "bare model before wrapping, or convert it to a psalm .pth first")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        sd = checkpoint.pop("model")
+        self._convert_ndarray_to_tensor(sd)
+        _strip_prefix_if_present(sd, "module.")
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}  # global shapes
+        incorrect = [(k, tuple(v.shape), shapes[k]) for k, v in sd.items() if k in shapes and tuple(v.shape) != shapes[k]]
+        for k, _, _ in incorrect:
+            sd.pop(k)
+        set_model_state_dict(self.wrapped_model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+        return _IncompatibleKeys(
+            missing_keys=sorted(set(shapes) - set(sd) - {k for k, _, _ in incorrect}),
+            unexpected_keys=sorted(set(sd) - set(shapes)),
+            incorrect_shapes=incorrect,
+        )

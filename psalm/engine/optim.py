@@ -1,0 +1,121 @@
+"""Optimiser, trainable-parameter selection and gradient clipping for PSALM training.
+
+* ``SOLVER.OPTIMIZER``: ``"ADAMW"`` (PSALM: betas ``SOLVER.BETAS``, eps ``SOLVER.EPS``, weight decay
+  ``SOLVER.WEIGHT_DECAY``, 0 by default) or ``"SGD"`` (detectron2's ``MOMENTUM`` / ``NESTEROV``).
+  Parameter groups come from detectron2's ``get_default_optimizer_params`` (norm / bias overrides).
+* ``SOLVER.SHARDING == "zero"`` with more than one process wraps the optimiser in
+  ``torch.distributed.optim.ZeroRedundancyOptimizer`` (optimiser states sharded across ranks).
+* ``SOLVER.TRAINABLE_PARAMETERS``: ``fnmatch`` patterns of parameter names; when given, every other
+  parameter is frozen (stage 1: ``["projector.*"]``).
+* ``SOLVER.CLIP_GRADIENTS``: ``CLIP_TYPE`` ``"full_model"`` (one norm over all gradients, as
+  Mask2Former), ``"norm"`` (per parameter, detectron2) or ``"value"``. Applied by the trainer after
+  gradient unscaling, never by wrapping the optimiser class.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Iterable, Optional
+
+import torch
+from detectron2.solver.build import get_default_optimizer_params
+from detectron2.utils import comm
+
+__all__ = ["build_optimizer", "apply_trainable_patterns", "clip_gradients", "OPTIMIZERS"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("ADAMW", "SGD")
+CLIP_TYPES = ("full_model", "norm", "value")
+
+
+def apply_trainable_patterns(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Freeze every parameter whose name matches none of ``patterns`` (no-op for no patterns).
+
+    Returns:
+        the names of the parameters left trainable.
+
+    Raises:
+        ValueError: a pattern matches no parameter (a typo must not freeze the whole model).
+    """
+    patterns = list(patterns)
+    if not patterns:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ValueError(
+                f"SOLVER.TRAINABLE_PARAMETERS pattern {pat!r} matches no parameter of the model "
+                f"(names look like {names[:3]})"
+            )
+    trainable = []
+    for name, p in model.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    logger.info("SOLVER.TRAINABLE_PARAMETERS %s: %d of %d parameter tensors trainable", patterns, len(trainable),
+                len(names))
+    return trainable
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser of ``model``'s trainable parameters (call after DDP / FSDP wrapping)."""
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {cfg.SOLVER.OPTIMIZER!r}")
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    if not params:
+        raise ValueError("the model has no trainable parameter (check SOLVER.TRAINABLE_PARAMETERS / freezing)")
+    if name == "ADAMW":
+        betas = tuple(float(b) for b in cfg.SOLVER.BETAS)
+        if len(betas) != 2:
+            raise ValueError(f"SOLVER.BETAS must have two values, got {cfg.SOLVER.BETAS}")
+        cls, kwargs = torch.optim.AdamW, {
+            "lr": cfg.SOLVER.BASE_LR,
+            "betas": betas,
+            "eps": cfg.SOLVER.EPS,
+            "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
+        }
+    else:
+        cls, kwargs = torch.optim.SGD, {
+            "lr": cfg.SOLVER.BASE_LR,
+            "momentum": cfg.SOLVER.MOMENTUM,
+            "nesterov": cfg.SOLVER.NESTEROV,
+            "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
+        }
+    if cfg.SOLVER.SHARDING == "zero" and comm.get_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)
+
+
+def clip_gradients(clip_cfg, parameters: Iterable[torch.nn.Parameter]) -> Optional[torch.Tensor]:
+    """Clip gradients in place per ``SOLVER.CLIP_GRADIENTS``.
+
+    Returns:
+        the total gradient norm before clipping for ``"full_model"``, else None.
+    """
+    if not clip_cfg.ENABLED:
+        return None
+    params = [p for p in parameters if p.grad is not None]
+    clip_type = clip_cfg.CLIP_TYPE
+    if clip_type == "full_model":
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_cfg.CLIP_VALUE, clip_cfg.NORM_TYPE)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if clip_type == "norm":
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], clip_cfg.CLIP_VALUE, clip_cfg.NORM_TYPE)
+        return None
+    if clip_type == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_cfg.CLIP_VALUE)
+        return None
+    raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip_type!r}")

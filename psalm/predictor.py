@@ -1,0 +1,439 @@
+"""``PSALMPredictor``: one call from a user image and a prompt to detectron2-standard outputs.
+
+In the style of detectron2's ``DefaultPredictor``: it builds the model from a config, loads
+``MODEL.WEIGHTS`` with ``DetectionCheckpointer``, puts it in eval mode on ``MODEL.DEVICE`` and runs
+inference with the precision ``TEST.PSALM.DTYPE`` ("auto": bf16 autocast on CUDA, fp32 on CPU).
+Images go through the ONE preprocessing pipeline (:func:`psalm.data.mapper.preprocess_image`);
+visual prompts through the data set rasteriser (:mod:`psalm.utils.prompts`).
+
+Usage::
+
+    predictor = PSALMPredictor(cfg)
+    out = predictor("img.jpg", task="panoptic", classes=["person", "dog", "grass"])
+    out = predictor(img, task="referring", text="the dog on the left")
+    out = predictor(img, task="interactive", points=[(120, 80)], boxes=[(10, 10, 200, 150)])
+    out = predictor(img, task="instruction", question="What is in the image?")   # out["text"]
+    outs = predictor.predict_batch([img1, img2], task="instance", classes=["cat"])   # one forward
+    outs = predictor.predict_prompts(img, [{"task": "referring", "text": "a cup"},
+                                           {"task": "interactive", "points": [(5, 5)]}])  # encoded once
+
+Prompt keywords per task (anything else is an error):
+
+=================================  ==========================================================
+task                               keywords
+=================================  ==========================================================
+panoptic / instance / semantic     ``classes`` (list of K names; open vocabulary: any names),
+                                   optional ``is_thing`` (K bools, panoptic; default all True)
+referring / gres                   ``text`` (a sentence, or a list merged as the official code)
+interactive                        ``points``, ``scribbles``, ``boxes``, ``masks``
+                                   (:mod:`psalm.utils.prompts`)
+instruction                        ``question``
+=================================  ==========================================================
+
+Errors: every bad input raises :class:`ValueError` (``FileNotFoundError`` for a missing image
+file) with a message saying what is wrong and how to fix it. Images are converted to 8-bit RGB
+(:mod:`psalm.utils.image_io`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from psalm.data.mapper import preprocess_image, resize_pad_masks
+from psalm.modeling.tasks import CATEGORY_TASKS, SENTENCE_TASKS, check_task
+from psalm.utils.image_io import ImageLike, load_image
+from psalm.utils.prompts import parse_visual_prompts, rasterize_regions
+
+__all__ = [
+    "PSALMPredictor",
+    "INFERENCE_DTYPES",
+    "resolve_device",
+    "resolve_inference_dtype",
+    "autocast_context",
+    "ensure_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+_TASK_KEYWORDS = {
+    **{t: ("classes", "is_thing") for t in CATEGORY_TASKS},
+    **{t: ("text",) for t in SENTENCE_TASKS},
+    "interactive": ("points", "scribbles", "boxes", "masks"),
+    "instruction": ("question",),
+}
+# the real phi-1_5 vocabulary is 50297; anything below the GPT-2 BPE size is a test model
+_SMALLEST_REAL_VOCAB = 50257
+
+
+# ------------------------------------------------------------------------------------ device / dtype
+def resolve_device(device: str) -> torch.device:
+    """``MODEL.DEVICE`` -> ``torch.device``; a CUDA device without CUDA is an error, not a silent CPU run."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"MODEL.DEVICE={device!r} is not a valid torch device (use 'cpu' or 'cuda[:N]')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE={device!r} but CUDA is not available on this machine; set MODEL.DEVICE cpu "
+            "(e.g. --opts MODEL.DEVICE cpu)"
+        )
+    return dev
+
+
+def resolve_inference_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """``TEST.PSALM.DTYPE`` -> the autocast dtype, or None for plain fp32.
+
+    "auto": bf16 on CUDA (fp16 when the GPU has no bf16), fp32 on CPU. "fp16" needs CUDA.
+    """
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"TEST.PSALM.DTYPE={name!r}; expected one of {INFERENCE_DTYPES}")
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("TEST.PSALM.DTYPE='fp16' needs a CUDA device; use 'fp32' or 'bf16' on CPU")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def ensure_tokenizer(cfg, cache_dir: Optional[str] = None):
+    """Make sure ``MODEL.PSALM.TOKENIZER`` points at a tokenizer; returns the (possibly updated) cfg.
+
+    For a test-size LLM (``MODEL.PSALM.LLM.VOCAB_SIZE`` below the GPT-2 vocabulary) with no
+    tokenizer configured, the tiny byte-level tokenizer of :mod:`psalm.modeling.tokenizer` is built
+    once into ``cache_dir`` (default ``$PSALM_CACHE`` or ``~/.cache/psalm``) with exactly
+    ``VOCAB_SIZE`` entries, and a warning is logged. A full-size config without a tokenizer is an
+    error (nothing is downloaded). ``cfg`` is cloned, never modified in place.
+    """
+    if cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH:
+        return cfg
+    vocab = int(cfg.MODEL.PSALM.LLM.VOCAB_SIZE)
+    if vocab >= _SMALLEST_REAL_VOCAB:
+        raise ValueError(
+            "MODEL.PSALM.TOKENIZER is empty; set it to the local phi-1_5 tokenizer directory "
+            "(see MODEL_ZOO.md), e.g. --opts MODEL.PSALM.TOKENIZER checkpoints/phi-1_5"
+        )
+    from psalm.modeling.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+
+    base = pathlib.Path(cache_dir or os.environ.get("PSALM_CACHE") or pathlib.Path.home() / ".cache" / "psalm")
+    num_merges = vocab - 259  # 256 bytes + merges + <|endoftext|>, [PAD], [SEG]
+    if num_merges < 0:
+        raise ValueError(f"MODEL.PSALM.LLM.VOCAB_SIZE={vocab} is too small for a byte-level tokenizer (>= 259)")
+    path = base / f"tiny_tokenizer_{vocab}"
+    if not (path / "tokenizer.json").is_file():
+        tmp = base / f".tiny_tokenizer_{vocab}.{os.getpid()}"
+        tok = build_tiny_tokenizer(num_merges=num_merges, model_max_length=cfg.MODEL.PSALM.MODEL_MAX_LENGTH)
+        if len(tok) > vocab:
+            raise ValueError(f"the tiny tokenizer has {len(tok)} tokens, more than VOCAB_SIZE={vocab}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, path)  # atomic: concurrent processes never see a half-written directory
+        except OSError:
+            save_tiny_tokenizer(path, num_merges=num_merges)  # another process won the race; ours is identical
+    logger.warning(
+        "MODEL.PSALM.TOKENIZER is empty: using the tiny test tokenizer in %s (a test model; its outputs are "
+        "meaningless). Set MODEL.PSALM.TOKENIZER for a real model.", path,
+    )
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.PSALM.TOKENIZER = str(path)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _clean_strings(values, what: str) -> List[str]:
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{what} must be a non-empty list of strings, got {values!r:.80}")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{what}[{i}] = {v!r:.40} is empty or not a string; give non-empty text")
+        out.append(" ".join(v.split()))
+    return out
+
+
+def _expand_batch(tree: Any, n: int) -> Any:
+    """Expand every tensor of a (dict / list / tuple) tree from batch 1 to batch ``n`` (views, no copy)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.dim() == 0 or tree.shape[0] != 1:
+            raise ValueError(f"image features must have batch size 1 to be shared, got shape {tuple(tree.shape)}")
+        return tree.expand(n, *tree.shape[1:])
+    if isinstance(tree, Mapping):
+        return type(tree)({k: _expand_batch(v, n) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_expand_batch(v, n) for v in tree)
+    return tree
+
+
+class PSALMPredictor:
+    """Build a PSALM model from ``cfg`` and run it on user images and prompts (see module docstring).
+
+    Attributes:
+        cfg: the (cloned, frozen) config. model: the ``PSALM`` module, eval mode.
+        device: ``torch.device``. autocast_dtype: None (fp32) or the autocast dtype.
+    """
+
+    def __init__(self, cfg):
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+
+        import psalm.modeling  # noqa: F401  (registers the PSALM meta-architecture)
+
+        self.cfg = cfg.clone()
+        self.cfg.freeze()
+        self.device = resolve_device(cfg.MODEL.DEVICE)
+        self.autocast_dtype = resolve_inference_dtype(cfg.TEST.PSALM.DTYPE, self.device)
+        self.image_size = int(cfg.INPUT.IMAGE_SIZE)
+        self.pad_value = float(cfg.INPUT.PAD_VALUE)
+        self.point_radius = int(cfg.INPUT.POINT_RADIUS)
+        self.scribble_radius = int(cfg.INPUT.SCRIBBLE_RADIUS)
+        self.default_task = cfg.MODEL.PSALM.TEST_TASK
+
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if cfg.MODEL.WEIGHTS:
+            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation (outputs are meaningless)")
+        logger.info(
+            "PSALMPredictor: device %s, %s", self.device,
+            f"{self.autocast_dtype} autocast" if self.autocast_dtype is not None else "fp32",
+        )
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, image: ImageLike, task: Optional[str] = None, **prompt) -> Dict:
+        """Predict one image. Returns the model's output dict (``docs/DESIGN.md``, "Model output")."""
+        return self.predict_batch([image], task, **prompt)[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[ImageLike],
+        task: Optional[str] = None,
+        prompts: Optional[Sequence[Mapping]] = None,
+        batch_size: Optional[int] = None,
+        **prompt,
+    ) -> List[Dict]:
+        """Predict several images in batched forwards.
+
+        Args:
+            images: paths / arrays / PIL images.
+            task: the task of every image (default ``MODEL.PSALM.TEST_TASK``), unless a
+                per-image prompt dict says otherwise.
+            prompts: optional, one prompt dict per image (keywords of the module docstring, plus
+                ``task``); otherwise ``**prompt`` applies to every image.
+            batch_size: images per forward (default: all at once).
+        """
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or not hasattr(images, "__len__"):
+            raise ValueError("predict_batch takes a list of images; use predictor(image, ...) for one image")
+        if not len(images):
+            raise ValueError("predict_batch got an empty list of images")
+        if prompts is not None:
+            if prompt:
+                raise ValueError("give either per-image `prompts` or shared prompt keywords, not both")
+            if len(prompts) != len(images):
+                raise ValueError(f"{len(prompts)} prompt dicts for {len(images)} images; give one per image")
+            per_image = [dict(p) for p in prompts]
+        else:
+            per_image = [dict(prompt) for _ in images]
+        inputs = []
+        for img, p in zip(images, per_image):
+            inputs.append(self.make_input(load_image(img), p.pop("task", task), **p))
+        step = int(batch_size) if batch_size else len(inputs)
+        if step <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        outputs: List[Dict] = []
+        for i in range(0, len(inputs), step):
+            outputs.extend(self.run(inputs[i : i + step]))
+        return outputs
+
+    def predict_prompts(self, image: ImageLike, prompts: Sequence[Mapping]) -> List[Dict]:
+        """Several prompts (each a dict with ``task`` and its keywords) for ONE image.
+
+        The image is decoded, preprocessed and encoded by the vision backbone once; prompts of the
+        same task run as one batch that shares the image features. Returns one output per prompt.
+        """
+        if not prompts:
+            raise ValueError("predict_prompts needs at least one prompt dict")
+        rgb = load_image(image)
+        image_t, padding_mask, new_hw = preprocess_image(rgb, self.image_size, self.pad_value)
+        inputs = []
+        for p in prompts:
+            p = dict(p)
+            inputs.append(self.make_input(rgb, p.pop("task", None), _preprocessed=(image_t, padding_mask, new_hw), **p))
+        features = self.encode_images(inputs[:1])
+        outputs: List[Optional[Dict]] = [None] * len(inputs)
+        for task in dict.fromkeys(inp["task"] for inp in inputs):
+            idx = [i for i, inp in enumerate(inputs) if inp["task"] == task]
+            shared = None if features is None else _expand_batch(features, len(idx))
+            for i, out in zip(idx, self.run([inputs[i] for i in idx], image_features=shared)):
+                outputs[i] = out
+        return outputs
+
+    def make_input(self, image_rgb: np.ndarray, task: Optional[str] = None, _preprocessed=None, **prompt) -> Dict:
+        """One model input dict (``docs/DESIGN.md``, "Model input") from a uint8 RGB image and a prompt."""
+        task = check_task(task or self.default_task)
+        if task not in _TASK_KEYWORDS:
+            raise ValueError(f"task {task!r} is not supported by the predictor; use one of {sorted(_TASK_KEYWORDS)}")
+        unknown = sorted(set(prompt) - set(_TASK_KEYWORDS[task]))
+        if unknown:
+            raise ValueError(
+                f"prompt keyword(s) {unknown} do not apply to task {task!r}; it takes {list(_TASK_KEYWORDS[task])}"
+            )
+        height, width = image_rgb.shape[:2]
+        image_t, padding_mask, new_hw = _preprocessed or preprocess_image(image_rgb, self.image_size, self.pad_value)
+        inp = {"image": image_t, "padding_mask": padding_mask, "height": height, "width": width, "task": task}
+        if task in CATEGORY_TASKS:
+            if prompt.get("classes") is None:
+                raise ValueError(f"task {task!r} needs classes=[...], the category names to segment")
+            names = _clean_strings(prompt["classes"], "classes")
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"classes contains duplicates {dupes}; give each category once")
+            if "background" in names:
+                raise ValueError("'background' is appended by the model; remove it from classes")
+            is_thing = prompt.get("is_thing")
+            is_thing = [True] * len(names) if is_thing is None else [bool(v) for v in is_thing]
+            if len(is_thing) != len(names):
+                raise ValueError(f"is_thing has {len(is_thing)} entries for {len(names)} classes")
+            inp["class_names"], inp["is_thing"] = names, is_thing
+        elif task in SENTENCE_TASKS:
+            if prompt.get("text") is None:
+                raise ValueError(f"task {task!r} needs text='...', the referring expression")
+            inp["sentences"] = _clean_strings(prompt["text"], "text")
+        elif task == "interactive":
+            regions = parse_visual_prompts((height, width), **prompt)
+            masks = rasterize_regions(regions, (height, width), self.point_radius, self.scribble_radius)
+            inp["region_masks"] = self._resize_regions(masks, new_hw)
+        elif task == "instruction":
+            question = prompt.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"task 'instruction' needs question='...', a non-empty text; got {question!r:.40}")
+            inp["conversation"] = [{"from": "human", "value": question.strip()}]
+        return inp
+
+    def encode_images(self, inputs: Sequence[Dict]):
+        """The model's image features for ``inputs`` (None if the model cannot share them)."""
+        if not hasattr(self.model, "encode_images"):
+            if not getattr(self, "_warned_no_encode", False):
+                self._warned_no_encode = True
+                logger.warning("the PSALM model has no encode_images(); every prompt re-encodes the image")
+            return None
+        with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
+            return self.model.encode_images(list(inputs))
+
+    def run(self, inputs: Sequence[Dict], image_features=None) -> List[Dict]:
+        """Run the model on ready input dicts (no grad, configured precision)."""
+        kwargs = {} if image_features is None else {"image_features": image_features}
+        with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
+            return self.model(list(inputs), **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _resize_regions(self, masks: np.ndarray, new_hw) -> torch.Tensor:
+        """[R, H, W] bool at the original size -> [R, S, S]; a region too small to survive the
+        nearest-neighbour resize keeps the one resized pixel containing its centre of mass."""
+        out = resize_pad_masks(masks, new_hw, self.image_size)
+        h, w = masks.shape[1:]
+        for r in torch.nonzero(~out.flatten(1).any(1)).flatten().tolist():
+            ys, xs = np.nonzero(masks[r])
+            row = min(int(ys.mean() * new_hw[0] / h), new_hw[0] - 1)
+            col = min(int(xs.mean() * new_hw[1] / w), new_hw[1] - 1)
+            out[r, row, col] = True
+            logger.debug("region %d vanished in the resize; kept pixel (%d, %d)", r, row, col)
+        return out
+
+    # ------------------------------------------------------------------ video
+    def predict_video(
+        self, frames: Iterable[ImageLike], first_frame_masks: np.ndarray, iou_guard: float = 0.4
+    ) -> Iterator[Dict]:
+        """Semi-supervised video object segmentation from the objects' masks in frame 0.
+
+        As the official DAVIS inference: the visual prompts of frame t are the masks predicted for
+        the memory frame (frame t-1, or frame 0 at the start), one region per object; the memory
+        advances to frame t only when every object was found and no two predicted masks overlap
+        with IoU > ``iou_guard`` (official 0.4). Objects are painted in order, later ones winning.
+        Differences from the official evaluation: no ground truth of later frames is used (the
+        official code resets the memory from frame-0 GT when the GT object count changes), and each
+        object keeps its own top-1 query (no top-10 unique assignment).
+
+        Args:
+            frames: frame 0 first; paths / arrays / PIL images of one size.
+            first_frame_masks: bool [N, H, W], one mask per object in frame 0.
+        Yields:
+            per frame (frame 0 included): ``masks`` bool [N, H, W] (painted, non-overlapping),
+            ``scores`` float [N] (1.0 on frame 0), ``label_map`` int32 [H, W] (0 = background,
+            k = object k, 1-based), ``memory_updated`` bool.
+        """
+        first = np.asarray(first_frame_masks)
+        if first.ndim == 2:
+            first = first[None]
+        if first.ndim != 3 or first.shape[0] == 0:
+            raise ValueError(f"first_frame_masks must be bool [N, H, W] with N >= 1, got shape {first.shape}")
+        first = first.astype(bool)
+        empty = [i for i in range(first.shape[0]) if not first[i].any()]
+        if empty:
+            raise ValueError(f"first-frame object mask(s) {empty} are empty; every object needs pixels in frame 0")
+        memory: Optional[np.ndarray] = None
+        for t, frame in enumerate(frames):
+            rgb = load_image(frame)
+            if rgb.shape[:2] != first.shape[1:]:
+                raise ValueError(
+                    f"frame {t} is {rgb.shape[0]}x{rgb.shape[1]} but the first-frame masks are "
+                    f"{first.shape[1]}x{first.shape[2]}; all frames must have the size of the masks"
+                )
+            if memory is None:
+                memory = first
+                yield {"masks": _paint(first), "scores": np.ones(len(first), np.float32),
+                       "label_map": _label_map(first), "memory_updated": True}
+                continue
+            out = self.run([self.make_input(rgb, "interactive", masks=list(memory))])[0]["instances"].to("cpu")
+            pred = out.pred_masks.numpy().astype(bool)
+            update = bool(pred.reshape(len(pred), -1).any(1).all()) and _max_pairwise_iou(pred) <= iou_guard
+            if update:
+                memory = pred
+            yield {"masks": _paint(pred), "scores": out.scores.float().numpy(), "label_map": _label_map(pred),
+                   "memory_updated": update}
+
+
+def _paint(masks: np.ndarray) -> np.ndarray:
+    """Non-overlapping masks: pixels claimed by several objects go to the last one."""
+    label = _label_map(masks)
+    return np.stack([label == i + 1 for i in range(len(masks))]) if len(masks) else masks
+
+
+def _label_map(masks: np.ndarray) -> np.ndarray:
+    label = np.zeros(masks.shape[1:], dtype=np.int32)
+    for i, m in enumerate(masks):
+        label[m] = i + 1
+    return label
+
+
+def _max_pairwise_iou(masks: np.ndarray) -> float:
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    if len(flat) < 2:
+        return 0.0
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-6), 0.0)
+    np.fill_diagonal(iou, 0.0)
+    return float(iou.max())

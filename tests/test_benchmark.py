@@ -1,0 +1,51 @@
+"""tools/benchmark.py and tools/benchmark_deform_attn.py print well-formed JSON lines (fields, not timings)."""
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import REPO_ROOT
+
+TINY = str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml")
+
+
+def _json_lines(cmd, tmp_path):
+    env = dict(os.environ, PSALM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in lines]  # every stdout line must be JSON
+
+
+def test_benchmark_model_json_lines(tmp_path):
+    records = _json_lines([str(REPO_ROOT / "tools" / "benchmark.py"), "--config-file", TINY, "--task", "referring",
+                           "--mode", "both", "--isolate", "none", "--iters", "1", "--warmup", "0",
+                           "--opts", "MODEL.DEVICE", "cpu"], tmp_path)
+    assert [r["mode"] for r in records] == ["inference", "train"]
+    for r in records:
+        assert r["config"] == TINY and r["task"] == "referring" and r["device"] == "cpu" and r["dtype"] == "fp32"
+        assert r["batch_size"] == 1 and r["image_size"] == 256 and r["iters"] == 1 and r["warmup"] == 0
+        assert r["memory_kind"] == "cpu_max_rss" and r["peak_memory_mb"] > 0
+        assert r["latency_ms_median"] > 0 and r["latency_ms_mean"] > 0 and r["images_per_s"] > 0
+        assert r["num_parameters"] > 0
+
+
+def test_benchmark_deform_attn_json_lines(tmp_path):
+    records = _json_lines([str(REPO_ROOT / "tools" / "benchmark_deform_attn.py"), "--config-file", TINY,
+                           "--isolate", "none", "--iters", "1", "--warmup", "0", "--opts", "MODEL.DEVICE", "cpu"],
+                          tmp_path)
+    try:
+        import torch_ms_deform_attn  # noqa: F401
+
+        impls = ("kernel", "pytorch")
+    except ImportError:  # optional package: only the reference path is measured
+        impls = ("pytorch",)
+    assert {(r["impl"], r["mode"]) for r in records} == {(i, m) for i in impls for m in ("forward", "train")}
+    for r in records:
+        assert r["levels"] == [[32, 32], [16, 16], [8, 8]] and r["d_model"] == 64 and r["n_heads"] == 4
+        assert r["n_points"] == 4 and r["batch_size"] == 1 and r["memory_kind"] == "cpu_max_rss"
+        assert r["latency_ms_median"] > 0 and r["peak_memory_mb"] > 0
+        if r["impl"] == "pytorch":
+            diff = r["max_abs_diff_vs_kernel"]
+            assert (diff is None) if impls == ("pytorch",) else (0 <= diff < 1e-4)

@@ -1,0 +1,109 @@
+"""build_llm: meta-device construction, golden hidden states (psalm_e2e `*.llm.last_hidden_state`)."""
+import pytest
+import torch
+
+from psalm.checkpoint import load_strict
+from psalm.checkpoint.phi_keys import official_llm_to_psalm
+from psalm.config import get_psalm_cfg
+from psalm.modeling.llm import build_llm, load_tokenizer
+from psalm.modeling.prompt import PromptBuilder
+from psalm.modeling.sequence import SequenceAssembler
+from psalm.modeling.tokenizer import save_tiny_tokenizer
+
+TASKS = ("referring", "panoptic", "region")
+
+
+def tiny_cfg(attn="sdpa", vocab=387, **overrides):
+    """The golden bundle's Phi config (hidden 64, 2 layers, 4 heads, head_dim 16, rotary 8)."""
+    cfg = get_psalm_cfg()
+    llm = cfg.MODEL.PSALM.LLM
+    llm.VOCAB_SIZE, llm.HIDDEN_SIZE, llm.INTERMEDIATE_SIZE = vocab, 64, 256
+    llm.NUM_HIDDEN_LAYERS, llm.NUM_ATTENTION_HEADS, llm.ATTN_IMPLEMENTATION = 2, 4, attn
+    for k, v in overrides.items():
+        llm[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    from safetensors.torch import load_file
+
+    d = golden_dir / "psalm_e2e"
+    return load_file(str(d / "tensors.safetensors")), load_file(str(d / "state_dict.safetensors"))
+
+
+def golden_llm(sd, attn):
+    llm = build_llm(tiny_cfg(attn), init_weights=False)
+    report = load_strict(llm, official_llm_to_psalm(sd, 4, dst_prefix="").state_dict, what="golden Phi")
+    assert report.ok
+    return llm.double().eval()
+
+
+@pytest.mark.parametrize("attn,tol", [("eager", 1e-12), ("sdpa", 1e-6)])
+def test_golden_hidden_states(golden, attn, tol):
+    t, sd = golden
+    llm = golden_llm(sd, attn)
+    assert llm.config._attn_implementation == attn
+    for name in TASKS:
+        with torch.no_grad():
+            h = llm.model(
+                inputs_embeds=t[f"{name}.spliced.inputs_embeds"],
+                attention_mask=t[f"{name}.spliced.attention_mask"],
+                use_cache=False,
+            ).last_hidden_state
+        ref = t[f"{name}.llm.last_hidden_state"]
+        assert h.shape == ref.shape
+        assert (h - ref).abs().max() <= tol, name
+
+
+def test_build_from_config_structure():
+    llm = build_llm(tiny_cfg())
+    assert llm.lm_head.bias is None
+    assert llm.config.tie_word_embeddings is False and llm.lm_head.weight is not llm.model.embed_tokens.weight
+    assert llm.model.embed_tokens.padding_idx is None
+    assert llm.get_input_embeddings().weight.shape == (387, 64)
+    assert not any(t.is_meta for t in (*llm.parameters(), *llm.buffers()))
+    rot = llm.model.rotary_emb.inv_freq
+    assert torch.allclose(rot, 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8))  # rotary on 8 of 16 dims
+    w = llm.model.layers[0].mlp.fc1.weight
+    assert 0.015 < w.std() < 0.025 and llm.model.layers[0].mlp.fc1.bias.abs().max() == 0  # HF Phi init
+    assert torch.equal(llm.model.final_layernorm.weight, torch.ones(64))
+
+
+def test_gradient_checkpointing_and_freeze():
+    llm = build_llm(tiny_cfg(GRADIENT_CHECKPOINTING=True)).train()
+    assert llm.model.gradient_checkpointing
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    llm.model(inputs_embeds=x, use_cache=False).last_hidden_state.sum().backward()
+    assert x.grad.abs().sum() > 0 and llm.model.layers[1].mlp.fc2.weight.grad is not None
+    frozen = build_llm(tiny_cfg(FREEZE=True))
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_vocab_must_fit_the_tokenizer(tmp_path):
+    tok = load_tokenizer(save_tiny_tokenizer(tmp_path))
+    with pytest.raises(ValueError, match="VOCAB_SIZE"):
+        build_llm(tiny_cfg(vocab=len(tok) - 1), tokenizer=tok)
+    llm = build_llm(tiny_cfg(vocab=len(tok)), tokenizer=tok)
+    assert llm.generation_config.eos_token_id == tok.eos_token_id
+    with pytest.raises(ValueError, match="ATTN_IMPLEMENTATION"):
+        build_llm(tiny_cfg(attn="flash"))
+
+
+def test_batch_of_two_equals_two_singles_through_the_llm(tmp_path):
+    """Right padding: the real positions of a B=2 batch equal the B=1 runs (sdpa, fp64)."""
+    tok = load_tokenizer(save_tiny_tokenizer(tmp_path))
+    torch.manual_seed(0)
+    llm = build_llm(tiny_cfg(vocab=len(tok)), tokenizer=tok).double().eval()
+    b = PromptBuilder(tok)
+    prompts = [b.build("referring", sentences=["a dog"]), b.build("referring", sentences=["the large red car", "x y z"])]
+    img, mask = torch.randn(2, 4, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64)
+    asm, emb = SequenceAssembler(), llm.get_input_embeddings()
+    with torch.no_grad():
+        both = asm(prompts, emb, img, mask)
+        h2 = llm.model(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask, use_cache=False).last_hidden_state
+        for i, p in enumerate(prompts):
+            one = asm([p], emb, img[i: i + 1], mask)
+            h1 = llm.model(inputs_embeds=one.inputs_embeds, attention_mask=one.attention_mask, use_cache=False).last_hidden_state
+            n = h1.shape[1]
+            assert (h2[i, :n] - h1[0]).abs().max() < 1e-10

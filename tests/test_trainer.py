@@ -1,0 +1,246 @@
+"""Training engine: exact resume, atomic checkpoints, multi-process (gloo) agreement, solver setup.
+
+Engine tests use a tiny stand-in meta-architecture (tests/_engine_standin.py): the engine must not
+depend on PSALM internals. The PSALM end-to-end checks (tiny synthetic config) are at the bottom.
+"""
+import json
+import os
+
+import pytest
+import torch
+from detectron2.utils.env import seed_all_rng
+
+from psalm.engine import PSALMCheckpointer, atomic_save, launch
+from psalm.engine import checkpoint as ckpt_module
+
+from ._engine_standin import StandInTrainer, flat_params, standin_cfg
+
+
+def _train(cfg, resume=False, crash_at=None):
+    """Build a trainer (seeded as default_setup does), optionally crash before iteration ``crash_at``."""
+    seed_all_rng(cfg.SEED)
+    trainer = StandInTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    if crash_at is not None:
+        from detectron2.engine import HookBase
+
+        class Crash(HookBase):
+            def before_step(self):
+                if self.trainer.iter == crash_at:
+                    raise KeyboardInterrupt(f"simulated crash at iteration {crash_at}")
+
+        trainer.register_hooks([Crash()])
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    else:
+        trainer.train()
+    return trainer
+
+
+def _losses(output_dir):
+    """iteration -> total_loss from metrics.json (the last record of each iteration)."""
+    out = {}
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "total_loss" in rec:
+                out[rec["iteration"]] = rec["total_loss"]
+    return out
+
+
+def test_resume_is_exact(tmp_path):
+    """Crash after the checkpoint of iteration 7, resume: same weights and losses as an uninterrupted run."""
+    ref = _train(standin_cfg(tmp_path / "ref"))
+    crashed_dir = tmp_path / "crashed"
+    _train(standin_cfg(crashed_dir), crash_at=9)
+    with open(crashed_dir / "last_checkpoint") as f:
+        assert f.read() == "model_0000007.pth"
+    resumed = _train(standin_cfg(crashed_dir), resume=True)
+    assert resumed.start_iter == 8
+    torch.testing.assert_close(flat_params(resumed.model), flat_params(ref.model), rtol=0, atol=1e-7)
+    ref_losses, res_losses = _losses(tmp_path / "ref"), _losses(crashed_dir)
+    for it in range(8, 12):
+        assert res_losses[it] == pytest.approx(ref_losses[it], rel=1e-6, abs=1e-9)
+    # the optimiser state continued too (AdamW moments)
+    a = resumed.optimizer.state_dict()["state"]
+    b = ref.optimizer.state_dict()["state"]
+    for k in b:
+        torch.testing.assert_close(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"], rtol=0, atol=1e-9)
+
+
+def test_resume_without_rng_restore_differs(tmp_path):
+    """Control: the exactness above really depends on the restored RNG state (the trunk uses dropout)."""
+    ref = _train(standin_cfg(tmp_path / "ref"))
+    d = tmp_path / "crashed"
+    _train(standin_cfg(d), crash_at=9)
+    seed_all_rng(0)
+    trainer = StandInTrainer(standin_cfg(d))
+    del trainer.checkpointer.checkpointables["rng"]
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    assert not torch.allclose(flat_params(trainer.model), flat_params(ref.model), atol=1e-6)
+
+
+def test_checkpoint_contents_load_weights_only(tmp_path):
+    _train(standin_cfg(tmp_path, MAX_ITER=4))
+    data = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert {"model", "optimizer", "trainer", "rng", "data_loader", "iteration", "world_size"} <= set(data)
+    assert data["iteration"] == 3 and data["trainer"]["iteration"] == 3
+    assert data["data_loader"]["iteration"] == 4  # batches consumed
+    assert "LRScheduler" in data["trainer"]["hooks"]  # the scheduler state
+    assert len(data["rng"]) == 1 and {"model", "data"} <= set(data["rng"][0])
+    # optimiser state keyed by parameter name (portable across sharding modes)
+    assert all(isinstance(k, str) and k.startswith(("trunk.", "heads.")) for k in data["optimizer"]["state"])
+    assert not any(k.startswith("backbone.") for k in data["optimizer"]["state"])  # frozen: not optimised
+
+
+def test_atomic_checkpoint_survives_crash_during_save(tmp_path, monkeypatch):
+    trainer = _train(standin_cfg(tmp_path, MAX_ITER=4))
+    ckpt = trainer.checkpointer
+    ckpt.save("model_a")
+    before = open(tmp_path / "model_a.pth", "rb").read()
+    real_save = torch.save
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")  # the process dies half-way through the write
+        raise OSError("disk died")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk died"):
+        ckpt.save("model_a")  # overwrite the same name
+    with pytest.raises(OSError, match="disk died"):
+        ckpt.save("model_b")
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    assert open(tmp_path / "model_a.pth", "rb").read() == before
+    assert not (tmp_path / "model_b.pth").exists()
+    assert open(tmp_path / "last_checkpoint").read() == "model_a.pth"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    # and it still resumes
+    fresh = StandInTrainer(standin_cfg(tmp_path, MAX_ITER=4))
+    fresh.resume_or_load(resume=True)
+    torch.testing.assert_close(flat_params(fresh.model), flat_params(trainer.model))
+
+
+def test_atomic_save_replaces(tmp_path):
+    path = str(tmp_path / "x.pth")
+    atomic_save({"a": torch.ones(2)}, path)
+    atomic_save({"a": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(3))
+
+
+def test_frozen_backbone_stays_in_eval_mode(tmp_path):
+    trainer = _train(standin_cfg(tmp_path, MAX_ITER=2))
+    assert trainer.model.training and not trainer.model.backbone.training
+    with pytest.raises(RuntimeError, match="frozen backbone in training mode"):
+        StandInTrainer(standin_cfg(tmp_path / "bad", arch="EngineStandInBadTrain"))
+
+
+def test_per_task_losses_logged(tmp_path):
+    _train(standin_cfg(tmp_path, MAX_ITER=6))
+    keys = set()
+    with open(tmp_path / "metrics.json") as f:
+        for line in f:
+            keys |= set(json.loads(line))
+    assert {"total_loss", "lr", "panoptic/total_loss", "referring/total_loss", "panoptic/loss_fit",
+            "referring/loss_reg"} <= keys
+    assert any(p.startswith("events.out.tfevents") for p in os.listdir(tmp_path))
+
+
+def test_solver_adamw_cosine_warmup_and_clipping(tmp_path):
+    cfg = standin_cfg(tmp_path, MAX_ITER=10, WARMUP_ITERS=4, BASE_LR=0.1)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1e-3
+    trainer = _train(cfg)
+    opt = trainer.optimizer
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["weight_decay"] == 0.0 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+    lrs, norms = {}, {}
+    with open(tmp_path / "metrics.json") as f:
+        for line in f:
+            rec = json.loads(line)
+            lrs[rec["iteration"]] = rec.get("lr", lrs.get(rec["iteration"]))
+            if "grad_norm" in rec:
+                norms[rec["iteration"]] = rec["grad_norm"]
+    assert lrs[0] == pytest.approx(0.1 * 0.001)  # WARMUP_FACTOR
+    assert lrs[4] == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.4)).item()), rel=1e-5)
+    assert lrs[2] < lrs[4] and lrs[9] < lrs[5]
+    assert norms and all(n > 1e-3 for n in norms.values())  # the norm BEFORE clipping is logged
+
+
+def test_clip_gradients_full_model_and_value():
+    from psalm.engine import clip_gradients
+    from psalm.config import get_psalm_cfg
+
+    clip = get_psalm_cfg().SOLVER.CLIP_GRADIENTS
+    clip.ENABLED, clip.CLIP_VALUE = True, 0.5
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad, params[1].grad = torch.full((3,), 2.0), torch.full((4,), -1.0)
+    norm = clip_gradients(clip, params)
+    assert norm.item() == pytest.approx((12 + 4) ** 0.5)
+    assert torch.cat([p.grad for p in params]).norm().item() == pytest.approx(0.5, rel=1e-5)
+    clip.CLIP_TYPE = "value"
+    params[0].grad = torch.full((3,), 2.0)
+    assert clip_gradients(clip, params) is None and params[0].grad.max().item() == 0.5
+    clip.CLIP_TYPE = "global"
+    with pytest.raises(ValueError, match="CLIP_TYPE"):
+        clip_gradients(clip, params)
+
+
+def test_trainable_parameter_patterns(tmp_path):
+    cfg = standin_cfg(tmp_path, MAX_ITER=1)
+    cfg.SOLVER.TRAINABLE_PARAMETERS = ["heads.*"]
+    trainer = _train(cfg)
+    names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("heads.") for n in names)
+    cfg.SOLVER.TRAINABLE_PARAMETERS = ["head.*"]  # typo: must not silently freeze everything
+    with pytest.raises(ValueError, match="matches no parameter"):
+        StandInTrainer(cfg)
+
+
+def test_bad_sharding_mode_is_an_error(tmp_path):
+    cfg = standin_cfg(tmp_path)
+    cfg.SOLVER.SHARDING = "deepspeed"
+    from psalm.engine import wrap_model
+
+    with pytest.raises(ValueError, match="SOLVER.SHARDING"):
+        wrap_model(cfg, torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo)
+def _two_rank_job(out_dir):
+    """Runs in each of 2 gloo processes: 3 iterations per sharding mode, full weights + grads saved."""
+    from detectron2.utils import comm
+
+    for mode in ("ddp", "zero", "fsdp"):
+        cfg = standin_cfg(os.path.join(out_dir, mode), arch="EngineStandInNoDropout", MAX_ITER=3,
+                          CHECKPOINT_PERIOD=0, SHARDING=mode)
+        seed_all_rng(0)  # same init on every rank (DDP would broadcast anyway; FSDP shards rank 0's)
+        trainer = StandInTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        sd = trainer.checkpointer.model_state_dict()  # full (gathered) weights on rank 0
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in trainer.model.named_parameters() if p.grad is not None}
+        torch.save({"local_params": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                                     for n, p in trainer.model.named_parameters()},
+                    "grads": grads, "full": sd},
+                   os.path.join(out_dir, f"{mode}_rank{comm.get_rank()}.pt"))
+
+
+def test_two_processes_gloo_agree_with_single_process(tmp_path):
+    """2 CPU processes (gloo) for DDP, ZeRO and FSDP: ranks agree, and equal a 1-process run."""
+    launch(_two_rank_job, 2, args=(str(tmp_path),))
+    seed_all_rng(0)
+    ref = _train(standin_cfg(tmp_path / "single", arch="EngineStandInNoDropout", MAX_ITER=3, CHECKPOINT_PERIOD=0))
+    ref_params = dict(ref.model.named_parameters())
+    for mode in ("ddp", "zero", "fsdp"):
+        r0 = torch.load(tmp_path / f"{mode}_rank0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{mode}_rank1.pt", weights_only=True)
+        for name, p in r0["local_params"].items():
+            key = name.removeprefix("module.")
+            torch.testing.assert_close(p, r1["local_params"][name], rtol=0, atol=0, msg=f"{mode}: {name} differs")
+            torch.testing.assert_close(p, ref_params[key].detach(), rtol=1e-5, atol=1e-6, msg=f"{mode} vs 1 proc: {key}")
+        for name, g in r0["grads"].items():
+            torch.testing.assert_close(g, r1["grads"][name], rtol=0, atol=0, msg=f"{mode}: grad {name} differs")
+        assert set(r0["full"]) == set(ref.model.state_dict()) and r1["full"] == {}

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""PSALM speed and memory: inference latency / throughput per image and training iteration time.
+
+Prints ONE JSON line per measurement with: config, task, mode, device, dtype, batch_size,
+image_size (padded model input S), warmup, iters, latency_ms_median / latency_ms_mean (per forward
+or per training iteration of one batch), images_per_s, peak_memory_mb and memory_kind
+(``cuda_max_memory_allocated`` on GPU, ``cpu_max_rss`` = the process's peak RSS on CPU; see
+:mod:`psalm.utils.profiling`). With ``--mode both`` on CPU each mode runs in its own process so
+that each RSS peak belongs to its measurement.
+
+The inputs are synthetic scenes of S x S pixels (:func:`psalm.data.synthetic.generate_scene`, the
+project's synthetic data set), converted by the predictor's input path; training targets are the
+scene's object masks. Weights are ``MODEL.WEIGHTS`` (empty: random; speed does not depend on them).
+
+    python tools/benchmark.py --config-file configs/tiny/Base-PSALM-tiny.yaml --task panoptic --iters 5
+    python tools/benchmark.py --config-file configs/coco/psalm_swin_base_phi15.yaml --task referring \\
+        --mode both --batch-size 4 --opts MODEL.DEVICE cuda MODEL.PSALM.TOKENIZER checkpoints/phi-1_5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from psalm.config import get_psalm_cfg
+from psalm.data.mapper import resize_pad_masks
+from psalm.data.synthetic import CLASS_NAMES, STUFF_CLASSES, THING_CLASSES, SyntheticSpec, generate_scene
+from psalm.predictor import PSALMPredictor, autocast_context, ensure_tokenizer
+from psalm.utils.profiling import MemoryMeter, emit_json, latency_stats, time_iterations
+
+logger = logging.getLogger("psalm.benchmark")
+TASKS = ("panoptic", "instance", "semantic", "referring", "gres", "interactive", "instruction")
+MODES = ("inference", "train")
+
+
+def _scene(size: int, index: int):
+    image, objects, wall = generate_scene(SyntheticSpec(image_size=size), "train", index)
+    if not objects:
+        raise RuntimeError(f"synthetic scene {index} has no object")
+    return image, objects, wall
+
+
+def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool) -> dict:
+    """One model input dict for ``task`` on synthetic scene ``index`` (plus GT when ``train``)."""
+    size = predictor.image_size
+    image, objects, wall = _scene(size, index)
+    obj = objects[0]
+    things = np.zeros(wall.shape, dtype=bool)
+    for o in objects:
+        things |= o["mask"]
+    if task in ("panoptic", "instance", "semantic"):
+        classes = list(CLASS_NAMES)
+        prompt = {"classes": classes, "is_thing": [c in THING_CLASSES for c in classes]}
+        gt = [o["mask"] for o in objects] + [wall & ~things, ~wall & ~things]
+        gt_classes = [THING_CLASSES.index(o["shape"]) for o in objects] + [
+            CLASS_NAMES.index(s) for s in STUFF_CLASSES]
+    elif task in ("referring", "gres"):
+        prompt = {"text": f"the {obj['color']} {obj['shape']}"}
+        gt, gt_classes = [obj["mask"]], [0]
+    elif task == "interactive":
+        prompt = {"points": [[o["center"]] for o in objects]}
+        gt, gt_classes = [o["mask"] for o in objects], [0] * len(objects)
+    elif task == "instruction":
+        prompt = {"question": "Describe the image briefly."}
+        gt, gt_classes = None, None
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    inp = predictor.make_input(image, task, **prompt)
+    if train:
+        if task == "instruction":
+            inp["conversation"] = inp["conversation"] + [
+                {"from": "gpt", "value": f"A {obj['color']} {obj['shape']} in front of a wall."}]
+        else:
+            from detectron2.structures import Instances
+
+            inst = Instances((size, size))
+            inst.gt_masks = resize_pad_masks(np.stack(gt), (size, size), size)
+            inst.gt_classes = torch.tensor(gt_classes, dtype=torch.int64)
+            inp["instances"] = inst
+    return inp
+
+
+def _train_dtype(cfg, device: torch.device):
+    if device.type == "cuda" and cfg.SOLVER.AMP.ENABLED:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.SOLVER.AMP.PRECISION]
+    return None
+
+
+def _dtype_name(dtype) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, iters: int, warmup: int) -> dict:
+    model, device = predictor.model, predictor.device
+    train = mode == "train"
+    batch = [make_sample(predictor, task, i, train) for i in range(batch_size)]
+    if train:
+        model.train()
+        dtype = _train_dtype(predictor.cfg, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+        def step():
+            with autocast_context(device, dtype):
+                losses = model(batch)
+            loss = sum(v for v in losses.values() if isinstance(v, torch.Tensor) and v.requires_grad)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    else:
+        model.eval()
+        dtype = predictor.autocast_dtype
+
+        def step():
+            predictor.run(batch)
+
+    with MemoryMeter(device) as mem:
+        times = time_iterations(step, iters, warmup, device)
+    model.eval()
+    stats = latency_stats(times, batch_size)
+    return {
+        "mode": mode,
+        "dtype": _dtype_name(dtype),
+        "latency_ms_median": stats["latency_ms_median"],
+        "latency_ms_mean": stats["latency_ms_mean"],
+        "images_per_s": stats["items_per_s"],
+        **mem.report(),
+    }
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config-file", default="configs/coco/psalm_swin_base_phi15.yaml", metavar="FILE")
+    p.add_argument("--task", default="panoptic", choices=TASKS)
+    p.add_argument("--mode", default="inference", choices=MODES + ("both",))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--isolate", choices=("process", "none"), default="process",
+                   help="--mode both on CPU: one process per mode so that each RSS peak is its own (default)")
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    return p
+
+
+def _child(args, mode: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file, "--task", args.task,
+           "--mode", mode, "--batch-size", str(args.batch_size), "--iters", str(args.iters),
+           "--warmup", str(args.warmup)]
+    if args.opts:
+        cmd += ["--opts", *args.opts]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of mode {mode!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be >= 1")
+    cfg = get_psalm_cfg(args.config_file, args.opts)
+    cfg.defrost()
+    if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but CUDA is not available: benchmarking on CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    modes = MODES if args.mode == "both" else (args.mode,)
+    if len(modes) > 1 and args.isolate == "process" and cfg.MODEL.DEVICE == "cpu":
+        for mode in modes:
+            emit_json(_child(args, mode))
+        return 0
+    cfg = ensure_tokenizer(cfg)
+    predictor = PSALMPredictor(cfg)
+    common = {
+        "config": args.config_file,
+        "task": args.task,
+        "device": str(predictor.device),
+        "batch_size": args.batch_size,
+        "image_size": predictor.image_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "num_parameters": sum(p.numel() for p in predictor.model.parameters()),
+    }
+    for mode in modes:
+        emit_json({**common, **measure(predictor, args.task, mode, args.batch_size, args.iters, args.warmup)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

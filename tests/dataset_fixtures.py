@@ -14,6 +14,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from psalm.data.class_names import load_categories
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS_DIR = os.path.join(REPO, "datasets")
 
@@ -74,8 +76,9 @@ def make_coco(root: str) -> dict:
         {"id": 13, "image_id": 2, "category_id": 1, "segmentation": rect_poly(22, 2, 23, 3), "bbox": [22, 2, 1, 1],
          "area": 1.0, "iscrowd": 0},  # too small for point / box / scribble prompts
     ]
+    all_things = [{"id": c["id"], "name": c["name"]} for c in load_categories("coco_instance")]
     _json(os.path.join(coco, "annotations", "instances_val2017.json"),
-          {"images": images, "annotations": anns, "categories": [c for c in COCO_CATS if c["isthing"]]})
+          {"images": images, "annotations": anns, "categories": all_things})
     # panoptic: image 1 = person + car + wall; image 2 = car + wall; image 3 = wall only
     pan_dir = os.path.join(coco, "panoptic_val2017")
     os.makedirs(pan_dir, exist_ok=True)

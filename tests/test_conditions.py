@@ -1,4 +1,5 @@
 """Conditions and region pooling (golden parity: psalm_e2e `*.cond.*`, `region_pooling.*`, `region.region.*`)."""
+
 import json
 
 import pytest
@@ -39,6 +40,7 @@ def golden(golden_dir):
     }
 
 
+@pytest.mark.golden
 def test_golden_conditions(golden):
     t, heads = golden["t"], golden["heads"]
     tol = 1e-6
@@ -49,7 +51,9 @@ def test_golden_conditions(golden):
             q = heads["mask_token_projector"](gather_mask_tokens(h, pos))
             assert (q - t[f"{name}.cond.seg_query"]).abs().max() <= tol, name
         h = t["referring.llm.last_hidden_state"]
-        s = heads["refer_projector"](sentence_condition(h, t["referring.spliced.refer_embedding_indices"].bool(), "mean"))
+        s = heads["refer_projector"](
+            sentence_condition(h, t["referring.spliced.refer_embedding_indices"].bool(), "mean")
+        )
         assert s.shape == (1, 1, 64) and (s - t["referring.cond.SEG_embedding"]).abs().max() <= tol
         h = t["panoptic.llm.last_hidden_state"]
         c = heads["class_projector"](category_condition(h, t["panoptic.spliced.class_name_embedding_indices"]))
@@ -61,6 +65,7 @@ def test_golden_conditions(golden):
     assert OFFICIAL_LANGUAGE_HEADS["refer_projector"] == "SEG_token_projector"
 
 
+@pytest.mark.golden
 def test_refer_pooling_last_is_the_trailing_seg(golden):
     t = golden["t"]
     h = t["referring.llm.last_hidden_state"]
@@ -68,7 +73,9 @@ def test_refer_pooling_last_is_the_trailing_seg(golden):
     last = span[0].nonzero().flatten()[-1]
     assert int(t["referring.spliced.inputs_embeds"].shape[1]) > int(last)
     # the span's last token is [SEG]: its embedding is row 386 of embed_tokens
-    assert torch.equal(t["referring.spliced.inputs_embeds"][0, last], golden["sd"]["model.embed_tokens.weight"][386].double())
+    assert torch.equal(
+        t["referring.spliced.inputs_embeds"][0, last], golden["sd"]["model.embed_tokens.weight"][386].double()
+    )
     out = sentence_condition(h, span, "last")
     assert out.shape == (1, 1, 64) and torch.equal(out[0, 0], h[0, last])
     assert not torch.allclose(out, sentence_condition(h, span, "mean"))
@@ -82,6 +89,7 @@ def test_refer_pooling_last_is_the_trailing_seg(golden):
         sentence_condition(h2, torch.zeros_like(m2), "mean")
 
 
+@pytest.mark.golden
 def test_shuffle_then_restore_gives_the_canonical_order(golden):
     """Pool the spliced embeddings of a shuffled and an unshuffled prompt: after restoring, equal."""
     t = golden["t"]
@@ -91,8 +99,10 @@ def test_shuffle_then_restore_gives_the_canonical_order(golden):
     emb.weight.data.copy_(golden["sd"]["model.embed_tokens.weight"].double())
     names = ["person", "car", "tree-merged", "sky", "road"]
     plain = b.build("panoptic", class_names=names)
-    shuf = [b.build("panoptic", class_names=names, shuffle_classes=True, generator=torch.Generator().manual_seed(s))
-            for s in (1, 2)]
+    shuf = [
+        b.build("panoptic", class_names=names, shuffle_classes=True, generator=torch.Generator().manual_seed(s))
+        for s in (1, 2)
+    ]
     assert all(p.class_order.tolist() != list(range(6)) for p in shuf)
     asm = SequenceAssembler()
     img, mq = t["image.projector_tokens"], golden["sd"]["seg_query"].double()
@@ -120,6 +130,7 @@ def _boxes(m):
     return masks
 
 
+@pytest.mark.golden
 def test_golden_region_pooling_with_recorded_points(golden):
     t, m = golden["t"], golden["m"]
     masks = _boxes(m)
@@ -139,6 +150,7 @@ def test_golden_region_pooling_with_recorded_points(golden):
     assert (RegionPooler("mask_average")(t["image.projector_tokens"], [rm])[0][0] - ref[0]).abs().max() < 1e-6
 
 
+@pytest.mark.golden
 def test_region_pooling_determinism_and_training_randomness(golden):
     t, masks = golden["t"], _boxes(golden["m"])
     fmap = t["region_pooling.feature_map"]
@@ -166,7 +178,9 @@ def test_mask_average_is_the_exact_mean_of_the_upsampled_map():
     out = RegionPooler("mask_average")(fmap, [masks])[0]
     # brute force: interpolate the map at every pixel (official coordinates) and average under the mask
     grid_map = fmap.reshape(4, 4, 5).permute(2, 0, 1)[None]
-    rows, cols = torch.meshgrid(torch.arange(48.0, dtype=torch.float64) / 48, torch.arange(40.0, dtype=torch.float64) / 40, indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(48.0, dtype=torch.float64) / 48, torch.arange(40.0, dtype=torch.float64) / 40, indexing="ij"
+    )
     grid = torch.stack([cols, rows], -1).double()[None] * 2 - 1
     up = nn.functional.grid_sample(grid_map, grid, mode="bilinear", align_corners=True)[0]  # [5, 48, 40]
     ref = torch.stack([up[:, m].mean(1) for m in masks])

@@ -1,4 +1,5 @@
 """build_llm: meta-device construction, golden hidden states (psalm_e2e `*.llm.last_hidden_state`)."""
+
 import pytest
 import torch
 
@@ -39,6 +40,7 @@ def golden_llm(sd, attn):
     return llm.double().eval()
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("attn,tol", [("eager", 1e-12), ("sdpa", 1e-6)])
 def test_golden_hidden_states(golden, attn, tol):
     t, sd = golden
@@ -96,14 +98,21 @@ def test_batch_of_two_equals_two_singles_through_the_llm(tmp_path):
     torch.manual_seed(0)
     llm = build_llm(tiny_cfg(vocab=len(tok)), tokenizer=tok).double().eval()
     b = PromptBuilder(tok)
-    prompts = [b.build("referring", sentences=["a dog"]), b.build("referring", sentences=["the large red car", "x y z"])]
+    prompts = [
+        b.build("referring", sentences=["a dog"]),
+        b.build("referring", sentences=["the large red car", "x y z"]),
+    ]
     img, mask = torch.randn(2, 4, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64)
     asm, emb = SequenceAssembler(), llm.get_input_embeddings()
     with torch.no_grad():
         both = asm(prompts, emb, img, mask)
-        h2 = llm.model(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask, use_cache=False).last_hidden_state
+        h2 = llm.model(
+            inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask, use_cache=False
+        ).last_hidden_state
         for i, p in enumerate(prompts):
-            one = asm([p], emb, img[i: i + 1], mask)
-            h1 = llm.model(inputs_embeds=one.inputs_embeds, attention_mask=one.attention_mask, use_cache=False).last_hidden_state
+            one = asm([p], emb, img[i : i + 1], mask)
+            h1 = llm.model(
+                inputs_embeds=one.inputs_embeds, attention_mask=one.attention_mask, use_cache=False
+            ).last_hidden_state
             n = h1.shape[1]
             assert (h2[i, :n] - h1[0]).abs().max() < 1e-10

@@ -1,4 +1,5 @@
 """Mask2Former .pkl -> psalm conversion: a real-format tiny pkl round trip, strict loading, clear failures."""
+
 import importlib.util
 import pickle
 import re
@@ -32,8 +33,12 @@ def _modules(seed=0):
 # --- our names -> Mask2Former names, written independently of psalm.checkpoint.vision_keys ---------
 
 _BLOCK = re.compile(r"backbone\.model\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)")
-_BLOCK_NAMES = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.o_proj": "attn.proj",
-                "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table"}
+_BLOCK_NAMES = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.o_proj": "attn.proj",
+    "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+}
 
 
 def _to_pkl_name(key):
@@ -44,20 +49,24 @@ def _to_pkl_name(key):
             return None
         for ours, theirs in _BLOCK_NAMES.items():
             if rest.startswith(ours):
-                rest = theirs + rest[len(ours):]
+                rest = theirs + rest[len(ours) :]
         return f"backbone.layers.{i}.blocks.{j}.{rest}"
-    for ours, theirs in (("backbone.model.swin.embeddings.patch_embeddings.projection.", "backbone.patch_embed.proj."),
-                         ("backbone.model.swin.embeddings.norm.", "backbone.patch_embed.norm."),
-                         ("backbone.model.swin.encoder.", "backbone.")):
+    for ours, theirs in (
+        ("backbone.model.swin.embeddings.patch_embeddings.projection.", "backbone.patch_embed.proj."),
+        ("backbone.model.swin.embeddings.norm.", "backbone.patch_embed.norm."),
+        ("backbone.model.swin.encoder.", "backbone."),
+    ):
         if key.startswith(ours):
-            return theirs + key[len(ours):]
+            return theirs + key[len(ours) :]
     if m := re.fullmatch(r"backbone\.model\.hidden_states_norms\.stage(\d)\.(\w+)", key):
         return f"backbone.norm{int(m[1]) - 1}.{m[2]}"
     if re.fullmatch(r"pixel_decoder\.(adapter|layer)_\d+\.bias", key):
         return None  # PSALM's conv biases: not in Mask2Former
     if key.startswith("pixel_decoder."):
         return "sem_seg_head." + key
-    if key.startswith("predictor.") and not key.startswith(("predictor.class_head", "predictor.refer_head", "predictor.region_head")):
+    if key.startswith("predictor.") and not key.startswith(
+        ("predictor.class_head", "predictor.refer_head", "predictor.region_head")
+    ):
         return "sem_seg_head." + key
     return None
 
@@ -78,7 +87,8 @@ def _make_pkl_state(seed=1):
             base = f"backbone.model.swin.encoder.layers.{i}.blocks.{j}.attention."
             for p in ("weight", "bias"):
                 pkl[f"backbone.layers.{i}.blocks.{j}.attn.qkv.{p}"] = torch.cat(
-                    [truth[f"{base}{n}.{p}"] for n in ("q_proj", "k_proj", "v_proj")]).numpy()
+                    [truth[f"{base}{n}.{p}"] for n in ("q_proj", "k_proj", "v_proj")]
+                ).numpy()
             rpi = blk.attention.relative_position_bias.relative_position_index
             pkl[f"backbone.layers.{i}.blocks.{j}.attn.relative_position_index"] = rpi.view(144, 144).numpy()
     D = truth["predictor.query_embed.weight"].shape[1]
@@ -135,7 +145,9 @@ def test_wrong_shape_and_stray_keys_fail_clearly(tmp_path):
     pkl, _ = _make_pkl_state()
     bad = dict(pkl)
     bad["sem_seg_head.pixel_decoder.mask_features.weight"] = np.zeros((16, 64, 1, 1), np.float32)
-    with pytest.raises(IncompatibleKeysError, match=r"mis-shaped[\s\S]*mask_features\.weight: \(16, 64, 1, 1\) vs \(32, 64, 1, 1\)"):
+    with pytest.raises(
+        IncompatibleKeysError, match=r"mis-shaped[\s\S]*mask_features\.weight: \(16, 64, 1, 1\) vs \(32, 64, 1, 1\)"
+    ):
         load_mask2former_into(_modules(), convert_mask2former_checkpoint(_write_pkl(tmp_path / "a.pkl", bad)))
 
     stray = dict(pkl)
@@ -172,10 +184,14 @@ def test_cli_writes_checked_checkpoint(tmp_path):
     assert cli.main(["--input", str(src), "--output", str(out), "--config-file", TINY]) == 0
     saved = torch.load(out, weights_only=True)
     assert set(saved["model"]) == set(truth) - set(saved["allowed_missing"])
-    torch.testing.assert_close(saved["model"]["backbone.model.swin.encoder.layers.1.blocks.0.attention.k_proj.weight"],
-                               truth["backbone.model.swin.encoder.layers.1.blocks.0.attention.k_proj.weight"])
+    torch.testing.assert_close(
+        saved["model"]["backbone.model.swin.encoder.layers.1.blocks.0.attention.k_proj.weight"],
+        truth["backbone.model.swin.encoder.layers.1.blocks.0.attention.k_proj.weight"],
+    )
     # a config that does not match the pkl: nothing is written
     bad_out = tmp_path / "bad.pth"
     with pytest.raises(IncompatibleKeysError):
-        cli.main(["--input", str(src), "--output", str(bad_out), "--config-file", TINY, "MODEL.SEM_SEG_HEAD.MASK_DIM", "16"])
+        cli.main(
+            ["--input", str(src), "--output", str(bad_out), "--config-file", TINY, "MODEL.SEM_SEG_HEAD.MASK_DIM", "16"]
+        )
     assert not bad_out.exists()

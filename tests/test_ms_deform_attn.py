@@ -1,4 +1,5 @@
 """Multi-scale deformable attention: compiled kernel == PyTorch reference; explicit implementation choice."""
+
 import logging
 
 import pytest
@@ -22,7 +23,7 @@ def _inputs(dtype, N=2, Lq=7, M=2, D=4, P=3, seed=0):
     S, L = int(shapes.prod(1).sum()), len(SHAPES)
     value = torch.randn(N, S, M, D, generator=g, dtype=dtype)
     # some points fall outside [0, 1] to exercise zero padding
-    loc = (torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype) * 1.3 - 0.15)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype) * 1.3 - 0.15
     w = torch.rand(N, Lq, M, L, P, generator=g, dtype=dtype)
     w = w / w.flatten(-2).sum(-1)[..., None, None]
     return value, shapes, starts, loc, w

@@ -1,4 +1,5 @@
 """MSDeformAttnPixelDecoder + PSALMMultiScaleMaskedTransformerDecoder: golden parity and behaviour."""
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone
@@ -43,14 +44,24 @@ def _run(pixel_decoder, predictor, ins, dtype):
     x = {k: v.to(dtype) for k, v in ins.items()}
     with torch.no_grad():
         mask_features, enc, ms = pixel_decoder({k: x[k] for k in ("res2", "res3", "res4", "res5")})
-        out = predictor(ms, mask_features, x["seg_query"], x["SEG_embedding"], x["class_name_embedding"],
-                        [x["region_embedding.0"], x["region_embedding.1"]])
+        out = predictor(
+            ms,
+            mask_features,
+            x["seg_query"],
+            x["SEG_embedding"],
+            x["class_name_embedding"],
+            [x["region_embedding.0"], x["region_embedding.1"]],
+        )
     return mask_features, enc, ms, out
 
 
 @pytest.mark.parametrize(
     "impl,dtype,map_tol,logit_tol",
-    [("pytorch", torch.float64, 1e-6, 1e-7), ("kernel", torch.float64, 1e-6, 1e-7), ("kernel", torch.float32, 5e-5, 5e-5)],
+    [
+        ("pytorch", torch.float64, 1e-6, 1e-7),
+        ("kernel", torch.float64, 1e-6, 1e-7),
+        ("kernel", torch.float32, 5e-5, 5e-5),
+    ],
 )
 def test_golden_parity(golden, impl, dtype, map_tol, logit_tol):
     sd, ins, ref = golden

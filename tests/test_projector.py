@@ -1,4 +1,5 @@
 """Vision-language projectors: golden parity of the official swin_conv projector, token layout, config."""
+
 import pytest
 import torch
 from detectron2.modeling import build_backbone

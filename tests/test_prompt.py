@@ -1,4 +1,5 @@
 """PromptBuilder, the tiny tokenizer and the tokenizer loader (golden parity: psalm_e2e)."""
+
 import json
 
 import pytest
@@ -44,6 +45,7 @@ def _golden_prompts(builder):
     }
 
 
+@pytest.mark.golden
 def test_golden_prompts_and_token_ids(golden):
     t, m = golden["t"], golden["m"]
     prompts = _golden_prompts(PromptBuilder(golden["tok"]))
@@ -64,6 +66,7 @@ def test_golden_prompts_and_token_ids(golden):
     assert torch.equal((prompts["referring"].input_ids == -204).long(), t["referring.refer_embedding_indices"][0])
 
 
+@pytest.mark.golden
 def test_other_tasks_use_the_official_wording(golden):
     b = PromptBuilder(golden["tok"])
     pan = b.build("panoptic", class_names=CLASSES)
@@ -76,6 +79,7 @@ def test_other_tasks_use_the_official_wording(golden):
     assert "This is all regions:  <region>, <region>, <region>.\n [/INST] \n[SEG]<seg> <|endoftext|>" in text
 
 
+@pytest.mark.golden
 def test_shuffled_classes_record_the_order(golden):
     b = PromptBuilder(golden["tok"])
     plain = b.build("panoptic", class_names=CLASSES)
@@ -103,7 +107,9 @@ def test_conversation_labels_cover_exactly_the_answers(tiny_tokenizer):
     ]
     p = b.build("instruction", conversation=conv)
     assert p.text.startswith("[INST] <<SYS>>\n") and "<image>\nWhat is in the picture? [/INST]" in p.text
-    assert p.text.endswith(" A red car. <|endoftext|><|endoftext|>[INST] Where is it? [/INST] On the left. <|endoftext|>")
+    assert p.text.endswith(
+        " A red car. <|endoftext|><|endoftext|>[INST] Where is it? [/INST] On the left. <|endoftext|>"
+    )
     assert (p.input_ids == IMAGE_TOKEN_INDEX).sum() == 1
     supervised = p.input_ids[p.labels != IGNORE_INDEX]
     assert tiny_tokenizer.decode(supervised) == " A red car. <|endoftext|> On the left. <|endoftext|>"
@@ -118,7 +124,10 @@ def test_conversation_labels_cover_exactly_the_answers(tiny_tokenizer):
 def test_segmentation_labels_supervise_the_answer_only(tiny_tokenizer):
     p = PromptBuilder(tiny_tokenizer).build("referring", sentences=["a dog"])
     sup = p.labels != IGNORE_INDEX
-    assert p.input_ids[sup][-3:].tolist() == [SEG_TOKEN_INDEX, *tiny_tokenizer.encode(" <|endoftext|>", add_special_tokens=False)]
+    assert p.input_ids[sup][-3:].tolist() == [
+        SEG_TOKEN_INDEX,
+        *tiny_tokenizer.encode(" <|endoftext|>", add_special_tokens=False),
+    ]
     answer = p.input_ids[sup][p.input_ids[sup] >= 0]
     assert tiny_tokenizer.decode(answer) == " \nSure, the segmentation result is  <|endoftext|>"
 
@@ -135,7 +144,9 @@ def test_bad_inputs_raise(tiny_tokenizer):
         b.build("interactive", num_regions=0)
     with pytest.raises(ValueError, match="MODEL_MAX_LENGTH"):
         b.build("panoptic", class_names=["a"])  # the segmentation prompt is longer than 64 ids
-    long = b.build("instruction", conversation=[{"from": "human", "value": "hi " * 100}, {"from": "gpt", "value": "ok"}])
+    long = b.build(
+        "instruction", conversation=[{"from": "human", "value": "hi " * 100}, {"from": "gpt", "value": "ok"}]
+    )
     assert len(long.input_ids) == 64  # language prompts are truncated (official collator)
     with pytest.raises(ValueError, match="alternate"):
         b.build("instruction", conversation=[{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
@@ -170,7 +181,9 @@ def test_tiny_tokenizer_round_trip_and_determinism(tmp_path):
     a, b = save_tiny_tokenizer(tmp_path / "a"), save_tiny_tokenizer(tmp_path / "b")
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     loaded = load_tokenizer(a)
-    assert len(loaded) == n and loaded.encode(texts[1], add_special_tokens=False) == tok.encode(texts[1], add_special_tokens=False)
+    assert len(loaded) == n and loaded.encode(texts[1], add_special_tokens=False) == tok.encode(
+        texts[1], add_special_tokens=False
+    )
 
 
 def test_load_tokenizer_adds_pad_then_seg(tmp_path):

@@ -1,4 +1,5 @@
 """SequenceAssembler: golden splicing (psalm_e2e `*.spliced.*`), batching, official attention mask."""
+
 import pytest
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ def tiny(tmp_path_factory):
     return {"tok": tok, "builder": PromptBuilder(tok), "embed": nn.Embedding(len(tok), 8)}
 
 
+@pytest.mark.golden
 def test_golden_splice(golden):
     t, b = golden["t"], golden["builder"]
     cases = {
@@ -44,8 +46,13 @@ def test_golden_splice(golden):
     }
     asm = SequenceAssembler()
     for name, (prompt, regions) in cases.items():
-        out = asm([prompt], golden["embed"], image_tokens=t["image.projector_tokens"],
-                  mask_tokens=golden["mask_tokens"], region_features=regions)
+        out = asm(
+            [prompt],
+            golden["embed"],
+            image_tokens=t["image.projector_tokens"],
+            mask_tokens=golden["mask_tokens"],
+            region_features=regions,
+        )
         ref = t[f"{name}.spliced.inputs_embeds"]
         assert out.inputs_embeds.shape == ref.shape and out.inputs_embeds.dtype == torch.float64
         assert (out.inputs_embeds - ref).abs().max() <= 1e-6, name
@@ -58,15 +65,26 @@ def test_golden_splice(golden):
     assert torch.equal(ref_out.refer_span_mask.long(), t["referring.spliced.refer_embedding_indices"])
     pan_out = asm([cases["panoptic"][0]], golden["embed"], t["image.projector_tokens"], golden["mask_tokens"])
     assert torch.equal(pan_out.class_span_ids, t["panoptic.spliced.class_name_embedding_indices"])
-    reg_out = asm([cases["region"][0]], golden["embed"], t["image.projector_tokens"], golden["mask_tokens"],
-                  [t["region.region.pooled_features.0"][:, 0]])
+    reg_out = asm(
+        [cases["region"][0]],
+        golden["embed"],
+        t["image.projector_tokens"],
+        golden["mask_tokens"],
+        [t["region.region.pooled_features.0"][:, 0]],
+    )
     assert torch.equal(reg_out.region_token_mask, t["region.spliced.region_embedding_masks"])
-    assert reg_out.region_positions[0].tolist() == t["region.spliced.region_embedding_masks"][0].nonzero().flatten().tolist()
+    assert (
+        reg_out.region_positions[0].tolist()
+        == t["region.spliced.region_embedding_masks"][0].nonzero().flatten().tolist()
+    )
 
 
 def _batch(tiny, n_img=4, q=3):
     b = tiny["builder"]
-    prompts = [b.build("referring", sentences=["a dog"]), b.build("referring", sentences=["the big red car on the left", "x"])]
+    prompts = [
+        b.build("referring", sentences=["a dog"]),
+        b.build("referring", sentences=["the big red car on the left", "x"]),
+    ]
     torch.manual_seed(1)
     img = torch.randn(2, n_img, 8, requires_grad=True)
     mask = torch.randn(q, 8, requires_grad=True)
@@ -79,7 +97,7 @@ def test_batch_of_two_equals_two_singles_right_padding(tiny):
     both = asm(prompts, tiny["embed"], img, mask)
     assert both.inputs_embeds.shape[0] == 2
     for i, p in enumerate(prompts):
-        one = asm([p], tiny["embed"], img[i: i + 1], mask)
+        one = asm([p], tiny["embed"], img[i : i + 1], mask)
         n = one.inputs_embeds.shape[1]
         assert both.lengths[i] == n
         assert torch.equal(both.inputs_embeds[i, :n], one.inputs_embeds[0])
@@ -104,9 +122,13 @@ def test_attention_mask_equals_the_official_construction(tiny):
         ids = torch.cat([p.input_ids, torch.full((l_ids - len(p.input_ids),), pad)])
         n_pad = l_ids - len(p.input_ids)
         spliced_len = int(out.lengths[i]) + n_pad  # the official splice also embeds its id-level pads
-        official = torch.cat([
-            torch.ones(spliced_len - l_ids, dtype=torch.bool), ids != pad, torch.zeros(L - spliced_len, dtype=torch.bool),
-        ])
+        official = torch.cat(
+            [
+                torch.ones(spliced_len - l_ids, dtype=torch.bool),
+                ids != pad,
+                torch.zeros(L - spliced_len, dtype=torch.bool),
+            ]
+        )
         assert torch.equal(out.attention_mask[i], official)
 
 
@@ -117,14 +139,16 @@ def test_left_padding_shifts_every_index(tiny):
     L = right.inputs_embeds.shape[1]
     for i in range(2):
         n = int(right.lengths[i])
-        assert torch.equal(left.inputs_embeds[i, L - n:], right.inputs_embeds[i, :n])
+        assert torch.equal(left.inputs_embeds[i, L - n :], right.inputs_embeds[i, :n])
         assert torch.equal(left.mask_token_positions[i], right.mask_token_positions[i] + (L - n))
-        assert torch.equal(left.refer_span_mask[i, L - n:], right.refer_span_mask[i, :n])
+        assert torch.equal(left.refer_span_mask[i, L - n :], right.refer_span_mask[i, :n])
 
 
 def test_category_and_region_index_tensors(tiny):
     b = tiny["builder"]
-    p = b.build("panoptic", class_names=["cat", "dog"], shuffle_classes=True, generator=torch.Generator().manual_seed(0))
+    p = b.build(
+        "panoptic", class_names=["cat", "dog"], shuffle_classes=True, generator=torch.Generator().manual_seed(0)
+    )
     img, mask = torch.randn(1, 4, 8), torch.randn(2, 8)
     out = SequenceAssembler()([p], tiny["embed"], img, mask)
     ids = out.class_span_ids[0]

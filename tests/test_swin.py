@@ -1,4 +1,5 @@
 """PSALMSwinTransformer: golden parity with the official Swin, pad-then-shift semantics, config plumbing."""
+
 import json
 
 import pytest
@@ -136,9 +137,13 @@ def _ref_res2(model, img, heads, ws, pad_first):
 def test_pad_then_shift_against_independent_reference():
     torch.manual_seed(0)
     heads, ws = 2, 4
-    model = PSALMSwinTransformer(
-        embed_dim=8, depths=(2, 2, 2, 2), num_heads=(heads, 2, 4, 8), window_size=ws, drop_path_rate=0.0
-    ).double().eval()
+    model = (
+        PSALMSwinTransformer(
+            embed_dim=8, depths=(2, 2, 2, 2), num_heads=(heads, 2, 4, 8), window_size=ws, drop_path_rate=0.0
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and p.dim() == 1 else torch.randn_like(p) * 0.5)
@@ -161,7 +166,10 @@ def test_build_from_config_outputs_and_shapes():
     model = BACKBONE_REGISTRY.get("PSALMSwinTransformer")(cfg, ShapeSpec(channels=3))
     shapes = model.output_shape()
     assert {k: (s.channels, s.stride) for k, s in shapes.items()} == {
-        "res2": (8, 4), "res3": (16, 8), "res4": (32, 16), "res5": (64, 32)
+        "res2": (8, 4),
+        "res3": (16, 8),
+        "res4": (32, 16),
+        "res5": (64, 32),
     }
     assert model.model.config._attn_implementation == "sdpa"
     assert "model.swin.layernorm.weight" not in model.state_dict()  # no dead parameters
@@ -180,7 +188,12 @@ def test_build_from_config_outputs_and_shapes():
 def test_drop_path_follows_config_and_mode():
     cfg = get_psalm_cfg(TINY, ["MODEL.SWIN.DROP_PATH_RATE", "0.3"])
     model = build_backbone(cfg)
-    rates = [b.drop_path.drop_prob for s in model.model.swin.encoder.layers for b in s.blocks if b.drop_path.__class__.__name__ != "Identity"]
+    rates = [
+        b.drop_path.drop_prob
+        for s in model.model.swin.encoder.layers
+        for b in s.blocks
+        if b.drop_path.__class__.__name__ != "Identity"
+    ]
     assert rates and max(rates) == pytest.approx(0.3)  # linear rule, last block gets the full rate
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
@@ -193,8 +206,12 @@ def test_drop_path_follows_config_and_mode():
 
 @pytest.mark.parametrize(
     "key,value,msg",
-    [("QK_SCALE", 0.5, "QK_SCALE"), ("APE", True, "APE"), ("ATTN_IMPLEMENTATION", "flash", "ATTN_IMPLEMENTATION"),
-     ("OUT_FEATURES", ["res6"], "OUT_FEATURES")],
+    [
+        ("QK_SCALE", 0.5, "QK_SCALE"),
+        ("APE", True, "APE"),
+        ("ATTN_IMPLEMENTATION", "flash", "ATTN_IMPLEMENTATION"),
+        ("OUT_FEATURES", ["res6"], "OUT_FEATURES"),
+    ],
 )
 def test_bad_config_raises(key, value, msg):
     cfg = get_psalm_cfg(TINY)

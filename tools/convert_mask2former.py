@@ -10,6 +10,7 @@ loaded strictly into the backbone, pixel decoder and decoder built from the conf
 written when they do not match (the error lists every missing, unexpected and mis-shaped key).
 ``--num-queries`` keeps the first N rows of a larger ``query_embed`` (e.g. 200-query instance models).
 """
+
 import argparse
 import logging
 import sys
@@ -40,8 +41,12 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True, help="Mask2Former detectron2 checkpoint (.pkl)")
     parser.add_argument("--output", required=True, help="output file (.pth)")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help=f"psalm config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--num-queries", type=int, default=None,
-                        help="truncate query_embed to this many rows (default: keep; must then match the config)")
+    parser.add_argument(
+        "--num-queries",
+        type=int,
+        default=None,
+        help="truncate query_embed to this many rows (default: keep; must then match the config)",
+    )
     parser.add_argument("--drop", action="append", default=[], help="extra key pattern to drop on purpose (repeatable)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     args = parser.parse_args(argv)

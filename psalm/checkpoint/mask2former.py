@@ -11,6 +11,7 @@ loads it strictly into ``model.backbone`` / ``model.pixel_decoder`` / ``model.pr
 
 Only open pickles you trust: unpickling can run arbitrary code.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -114,8 +115,8 @@ def convert_mask2former_checkpoint(
 
 def _strip(keys_or_sd, prefix: str):
     if isinstance(keys_or_sd, Mapping):
-        return {k[len(prefix):]: v for k, v in keys_or_sd.items() if k.startswith(prefix)}
-    return [k[len(prefix):] for k in keys_or_sd if k.startswith(prefix)]
+        return {k[len(prefix) :]: v for k, v in keys_or_sd.items() if k.startswith(prefix)}
+    return [k[len(prefix) :] for k in keys_or_sd if k.startswith(prefix)]
 
 
 def load_mask2former_into(model: torch.nn.Module, conversion: KeyConversion) -> dict[str, LoadReport]:

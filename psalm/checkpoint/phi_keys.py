@@ -27,6 +27,7 @@ Functions return :class:`psalm.checkpoint.vision_keys.KeyConversion` (converted 
 dropped on purpose with the reason, target keys absent by design); feed the result to
 :func:`psalm.checkpoint.load_strict`.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,9 @@ def split_fused_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Inverse of :func:`split_fused_qkv`: q, k, v [H, ...] -> interleaved ``query_key_value`` [3H, ...]."""
     if not (q.shape == k.shape == v.shape) or q.shape[0] % num_heads:
-        raise ValueError(f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not fit {num_heads} heads")
+        raise ValueError(
+            f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not fit {num_heads} heads"
+        )
     head_dim = q.shape[0] // num_heads
     stacked = torch.stack([t.reshape(num_heads, head_dim, *t.shape[1:]) for t in (q, k, v)], dim=1)
     return stacked.reshape(3 * q.shape[0], *q.shape[1:])
@@ -92,10 +95,20 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) 
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _SAME_NAME_LAYER_PARTS = (
-    "self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.dense.",
-    "mlp.fc1.", "mlp.fc2.", "input_layernorm.",
+    "self_attn.q_proj.",
+    "self_attn.k_proj.",
+    "self_attn.v_proj.",
+    "self_attn.dense.",
+    "mlp.fc1.",
+    "mlp.fc2.",
+    "input_layernorm.",
 )
-_TOP_LEVEL = ("model.embed_tokens.weight", "model.final_layernorm.weight", "model.final_layernorm.bias", "lm_head.weight")
+_TOP_LEVEL = (
+    "model.embed_tokens.weight",
+    "model.final_layernorm.weight",
+    "model.final_layernorm.bias",
+    "lm_head.weight",
+)
 
 
 def _is_phi_key(key: str) -> bool:
@@ -143,7 +156,9 @@ def official_llm_to_psalm(
         out[dst_prefix + key] = value
     if not found:
         sample = ", ".join(list(sd)[:5])
-        raise ValueError(f"no Phi key (model.embed_tokens / model.layers / lm_head) in the state dict (first keys: {sample})")
+        raise ValueError(
+            f"no Phi key (model.embed_tokens / model.layers / lm_head) in the state dict (first keys: {sample})"
+        )
     return KeyConversion(out, dropped)
 
 
@@ -166,7 +181,7 @@ def official_language_heads_to_psalm(sd: Mapping[str, torch.Tensor], dst_prefix:
         if not keys:
             raise KeyError(f"official state dict has no {theirs}.* keys")
         for k in keys:
-            out[dst_prefix + ours + k[len(theirs):]] = sd[k]
+            out[dst_prefix + ours + k[len(theirs) :]] = sd[k]
     return KeyConversion(out)
 
 
@@ -288,6 +303,10 @@ def hf_phi_to_psalm(
             )
         logger.info(
             "Phi vocabulary resized %d -> %d rows: kept [0, %d), mean-initialised %s, N(0, %g) for the rest",
-            rows, target, num_base_tokens, list(mean_init_ids), init_std,
+            rows,
+            target,
+            num_base_tokens,
+            list(mean_init_ids),
+            init_std,
         )
     return conv

@@ -17,6 +17,7 @@ caller composes the groups); keys inside it that no rule knows are passed throug
 
 Tensors are not copied except where a fused tensor is split (``qkv``) or a table truncated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,7 +73,7 @@ class KeyConversion:
 
 def _group(sd: Mapping[str, torch.Tensor], src_prefix: str) -> dict[str, torch.Tensor]:
     """The keys of ``sd`` under ``src_prefix``, prefix stripped; error if there are none."""
-    out = {k[len(src_prefix):]: v for k, v in sd.items() if k.startswith(src_prefix)}
+    out = {k[len(src_prefix) :]: v for k, v in sd.items() if k.startswith(src_prefix)}
     if not out:
         sample = ", ".join(list(sd)[:5])
         raise ValueError(f"no key starts with {src_prefix!r} (first keys: {sample}); wrong checkpoint or prefix?")
@@ -116,9 +117,9 @@ def _swin_to_psalm(sd, src_prefix: str, dst_prefix: str) -> KeyConversion:
         src = src_prefix + key
         new = None
         if key.startswith("patch_embed.proj."):
-            new = "model.swin.embeddings.patch_embeddings.projection." + key[len("patch_embed.proj."):]
+            new = "model.swin.embeddings.patch_embeddings.projection." + key[len("patch_embed.proj.") :]
         elif key.startswith("patch_embed.norm."):
-            new = "model.swin.embeddings.norm." + key[len("patch_embed.norm."):]
+            new = "model.swin.embeddings.norm." + key[len("patch_embed.norm.") :]
         elif m := re.fullmatch(r"norm(\d+)\.(weight|bias)", key):
             new = f"model.hidden_states_norms.stage{int(m[1]) + 1}.{m[2]}"
         elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key):
@@ -139,7 +140,7 @@ def _swin_to_psalm(sd, src_prefix: str, dst_prefix: str) -> KeyConversion:
                 continue
             for old, rep in _SWIN_BLOCK_RENAMES:
                 if sub.startswith(old):
-                    new = base + rep + sub[len(old):]
+                    new = base + rep + sub[len(old) :]
                     break
         out[dst_prefix + (new if new is not None else key)] = value
     return KeyConversion(out, dropped)
@@ -194,7 +195,7 @@ def official_projector_to_psalm(
     """
     out = {}
     for key, value in _group(sd, src_prefix).items():
-        new = key[len("layer1.0."):] if key.startswith("layer1.0.") else key
+        new = key[len("layer1.0.") :] if key.startswith("layer1.0.") else key
         out[dst_prefix + new] = value
     return KeyConversion(out)
 
@@ -275,7 +276,9 @@ def official_predictor_to_psalm(
 
 
 def _head_keys(dst_prefix: str) -> list[str]:
-    return [f"{dst_prefix}{h}.layers.{i}.{p}" for h in PREDICTOR_HEADS.values() for i in (0, 1) for p in ("weight", "bias")]
+    return [
+        f"{dst_prefix}{h}.layers.{i}.{p}" for h in PREDICTOR_HEADS.values() for i in (0, 1) for p in ("weight", "bias")
+    ]
 
 
 def mask2former_predictor_to_psalm(

@@ -62,6 +62,11 @@ class SampleGTEvaluator(DatasetEvaluator):
                         "its dicts need a unique 'sample_id'"
                     )
                 self._records[k] = r
+        if "sample_id" not in inp and self._records and "sample_id" in next(iter(self._records.values())):
+            raise KeyError(
+                f"model input for {inp.get('file_name', '?')!r} has no 'sample_id', but the dicts of "
+                f"'{self.dataset_name}' are keyed by it: the data mapper must pass 'sample_id' through"
+            )
         k = sample_key(inp)
         if k not in self._records:
             raise KeyError(f"sample {k!r} is not in data set '{self.dataset_name}'")

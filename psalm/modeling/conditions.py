@@ -16,6 +16,7 @@ from :class:`~psalm.modeling.sequence.AssembledSequence`):
 Input side: :class:`RegionPooler` turns each binary visual-prompt mask into one H-dimensional token
 from the square map of image tokens (see its docstring for the two modes).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,10 @@ def category_condition(
     onehot = nn.functional.one_hot(class_span_ids, num + 1)[..., 1:].to(hidden.dtype)  # [B, L, K+1]
     counts = onehot.sum(1)  # [B, K+1]
     if bool((counts == 0).any()):
-        raise ValueError(f"some class spans are empty (per-sample span lengths {counts.tolist()}); all samples "
-                         "of a category batch need the same number of classes")
+        raise ValueError(
+            f"some class spans are empty (per-sample span lengths {counts.tolist()}); all samples "
+            "of a category batch need the same number of classes"
+        )
     pooled = torch.bmm((onehot / counts.unsqueeze(1)).transpose(1, 2), hidden)
     return pooled if restore_index is None else restore_class_order(pooled, restore_index)
 
@@ -205,7 +208,7 @@ class RegionPooler(nn.Module):
         P = self.num_points
         coords = masks.nonzero()  # [n_total, 3] (region, row, col), row-major within each region
         counts = torch.bincount(coords[:, 0], minlength=R).tolist()
-        rc = (coords[:, 1:].double() / torch.tensor([H, W], dtype=torch.float64, device=coords.device))
+        rc = coords[:, 1:].double() / torch.tensor([H, W], dtype=torch.float64, device=coords.device)
         out = []
         for j, part in enumerate(rc.split(counts)):
             n = part.shape[0]

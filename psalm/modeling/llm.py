@@ -19,6 +19,7 @@ Vocabulary rules: the embedding has ``MODEL.PSALM.LLM.VOCAB_SIZE`` rows, which m
 ``[SEG]`` row (and any spare rows) from N(0, 0.02) (:func:`tokenizer_vocab_plan`,
 :func:`psalm.checkpoint.phi_keys.resize_vocab_rows`).
 """
+
 from __future__ import annotations
 
 import json
@@ -161,7 +162,9 @@ def phi_config_from_cfg(cfg, hf_config: dict | None = None):
         wrong = {a: (ours[a], theirs[a]) for a in ours if ours[a] != theirs[a]}
         if wrong:
             lines = ", ".join(f"{a}: cfg {o!r} vs config.json {t!r}" for a, (o, t) in wrong.items())
-            raise ValueError(f"MODEL.PSALM.LLM.* disagrees with {llm.NAME_OR_PATH}/config.json ({lines}); fix the config")
+            raise ValueError(
+                f"MODEL.PSALM.LLM.* disagrees with {llm.NAME_OR_PATH}/config.json ({lines}); fix the config"
+            )
     config = PhiConfig(
         vocab_size=llm.VOCAB_SIZE,
         hidden_size=ours["hidden_size"],
@@ -265,7 +268,9 @@ def build_llm(cfg, tokenizer=None, device: str | torch.device | None = None, ini
         if tokenizer is None:
             tokenizer = build_tokenizer(cfg)
         base, mean_ids = tokenizer_vocab_plan(tokenizer, cfg.MODEL.PSALM.PAD_TOKEN, cfg.MODEL.PSALM.SEG_TOKEN)
-        conv = hf_phi_to_psalm(hf_sd, hf_config, num_base_tokens=base, target_vocab_size=config.vocab_size, mean_init_ids=mean_ids)
+        conv = hf_phi_to_psalm(
+            hf_sd, hf_config, num_base_tokens=base, target_vocab_size=config.vocab_size, mean_init_ids=mean_ids
+        )
         for key, why in conv.dropped.items():
             logger.info("dropped %s: %s", key, why)
         sd = {k: v.to(device=device, dtype=torch.float32) for k, v in conv.state_dict.items()}

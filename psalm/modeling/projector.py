@@ -13,6 +13,7 @@ in row-major order (token ``r * (w/2) + c`` covers the 2x2 res5 cell at row r, c
   one Linear(4C -> out_dim). It keeps all res5 information at the same token count and has no
   normalisation statistics, which makes it the simplest option for new stage-1 training.
 """
+
 from __future__ import annotations
 
 import torch

@@ -34,6 +34,7 @@ answers: in each round, from the last token of ``"[/INST] "`` (the space) throug
 ``IGNORE_INDEX``. When the per-round lengths disagree with the full tokenisation the official code
 ignores the whole sample; so does this one, with a warning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -195,7 +196,7 @@ class PromptBuilder:
             if i == 0:
                 msg = f"<<SYS>>\n{SYSTEM_PROMPT}\n<</SYS>>\n\n" + msg
             out += f"{EOS}[INST] {msg} [/INST]" if i % 2 == 0 else f" {msg} {EOS}"
-        return out[len(EOS):]
+        return out[len(EOS) :]
 
     def render(
         self,
@@ -210,7 +211,12 @@ class PromptBuilder:
         if T.is_category_task(task):
             if not num_classes or num_classes < 2:
                 raise ValueError(f"{task}: need at least one class name plus background, got num_classes={num_classes}")
-            human = _CATEGORY_HUMAN + "\nThis is all the candidate categories: " + "<cls>, " * (num_classes - 1) + "<cls>.\n"
+            human = (
+                _CATEGORY_HUMAN
+                + "\nThis is all the candidate categories: "
+                + "<cls>, " * (num_classes - 1)
+                + "<cls>.\n"
+            )
             turns = [("human", human), ("gpt", _SEG_ANSWER)]
         elif T.is_sentence_task(task):
             turns = [("human", _REFER_HUMAN + "\n<refer>"), ("gpt", _SEG_ANSWER)]
@@ -218,7 +224,10 @@ class PromptBuilder:
             if not num_regions or num_regions < 1:
                 raise ValueError(f"{task}: need at least one region (visual prompt), got {num_regions}")
             regions = " <region>," * (num_regions - 1) + " <region>."
-            turns = [("human", _REGION_HUMAN + f"\nThis is all regions: {regions}\n"), ("gpt", f"\n{self.seg_token}<seg>")]
+            turns = [
+                ("human", _REGION_HUMAN + f"\nThis is all regions: {regions}\n"),
+                ("gpt", f"\n{self.seg_token}<seg>"),
+            ]
         else:
             turns = self._conversation_turns(conversation)
         if add_generation_prompt:
@@ -240,7 +249,9 @@ class PromptBuilder:
         if not any("<image>" in v for _, v in turns):
             turns[0] = (turns[0][0], "<image>\n" + turns[0][1])
         # official preprocess_multimodal: <image> goes to the start of its turn, then a newline
-        return [(r, ("<image>\n" + v.replace("<image>", "").strip()).strip() if "<image>" in v else v) for r, v in turns]
+        return [
+            (r, ("<image>\n" + v.replace("<image>", "").strip()).strip() if "<image>" in v else v) for r, v in turns
+        ]
 
     # ----------------------------------------------------------------------------- tokenising
 
@@ -266,12 +277,14 @@ class PromptBuilder:
                 break
             n_instr = len(self.encode_text(parts[0] + _INST_END))
             n_ignore = n_instr if n_round else n_instr - 1  # later rounds also ignore the leading separator
-            labels[cur: cur + n_ignore] = [IGNORE_INDEX] * len(labels[cur: cur + n_ignore])
+            labels[cur : cur + n_ignore] = [IGNORE_INDEX] * len(labels[cur : cur + n_ignore])
             cur += len(self.encode_text(rnd)) + (2 if n_round else 1)
             n_round += 1
         labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
         if cur != len(ids):
-            logger.warning("tokenization mismatch (%d vs %d tokens): the sample's labels are all ignored", cur, len(ids))
+            logger.warning(
+                "tokenization mismatch (%d vs %d tokens): the sample's labels are all ignored", cur, len(ids)
+            )
             labels = [IGNORE_INDEX] * len(ids)
         return labels
 
@@ -292,7 +305,9 @@ class PromptBuilder:
         if hit is None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"class names must be non-empty strings, got {name!r}")
-            hit = torch.tensor(self.tokenizer.encode(name, add_special_tokens=False) + [self.seg_token_id], dtype=torch.long)
+            hit = torch.tensor(
+                self.tokenizer.encode(name, add_special_tokens=False) + [self.seg_token_id], dtype=torch.long
+            )
             if len(self._name_cache) > 65536:
                 self._name_cache.clear()
             self._name_cache[name] = hit

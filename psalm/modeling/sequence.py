@@ -30,6 +30,7 @@ All text, class and refer tokens of the batch go through ONE ``embed_tokens`` ca
 sequence is produced by ONE gather from a table of all sources, so gradients reach
 ``embed_tokens``, the image tokens, the mask tokens and the region features.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -152,7 +153,10 @@ class SequenceAssembler:
             if ids.dim() != 1 or labels.shape != ids.shape:
                 raise ValueError(f"sample {b}: input_ids / labels must be 1-d of the same length")
             ph = torch.nonzero(ids < 0).flatten().tolist()
-            counts = {k: int((ids == k).sum()) for k in (IMAGE_TOKEN_INDEX, SEG_TOKEN_INDEX, CLS_TOKEN_INDEX, REGION_TOKEN_INDEX, REFER_TOKEN_INDEX)}
+            counts = {
+                k: int((ids == k).sum())
+                for k in (IMAGE_TOKEN_INDEX, SEG_TOKEN_INDEX, CLS_TOKEN_INDEX, REGION_TOKEN_INDEX, REFER_TOKEN_INDEX)
+            }
             self._check_sample(b, p, counts, image_tokens, mask_tokens, region_features)
             segs, start, cls_k, reg_j = [], 0, 0, 0
             for pos in ph + [len(ids)]:
@@ -259,11 +263,11 @@ class SequenceAssembler:
             n = int(lengths[b])
             off = 0 if self.padding_side == "right" else L - n
             offsets.append(off)
-            index[b, off: off + n] = rows[b]
-            labels[b, off: off + n] = labs[b]
-            class_span_ids[b, off: off + n] = cls_ids[b]
-            refer_span_mask[b, off: off + n] = refer[b]
-            attention_mask[b, off: off + n] = True
+            index[b, off : off + n] = rows[b]
+            labels[b, off : off + n] = labs[b]
+            class_span_ids[b, off : off + n] = cls_ids[b]
+            refer_span_mask[b, off : off + n] = refer[b]
+            attention_mask[b, off : off + n] = True
 
         has_mask = [m is not None for m in mask_pos]
         if any(has_mask) and not all(has_mask):
@@ -297,9 +301,13 @@ class SequenceAssembler:
         if counts[SEG_TOKEN_INDEX] and mask_tokens is None:
             raise ValueError(f"sample {b}: the prompt has <seg> but no mask_tokens were given")
         if counts[CLS_TOKEN_INDEX] != p.num_classes:
-            raise ValueError(f"sample {b}: {counts[CLS_TOKEN_INDEX]} <cls> placeholders but {p.num_classes} class spans")
+            raise ValueError(
+                f"sample {b}: {counts[CLS_TOKEN_INDEX]} <cls> placeholders but {p.num_classes} class spans"
+            )
         if counts[REFER_TOKEN_INDEX] != (0 if p.refer_token_ids is None else 1):
-            raise ValueError(f"sample {b}: {counts[REFER_TOKEN_INDEX]} <refer> placeholders; need exactly one with refer_token_ids")
+            raise ValueError(
+                f"sample {b}: {counts[REFER_TOKEN_INDEX]} <refer> placeholders; need exactly one with refer_token_ids"
+            )
         n_regions = counts[REGION_TOKEN_INDEX]
         if n_regions or region_features is not None:
             got = None if region_features is None else region_features[b].shape[0]

@@ -18,6 +18,7 @@ instruction    none         LLaVA chat conversation; language-model loss / ``gen
 caption        none         stage-1 image-text alignment; language-model loss
 =============  ===========  ==========================================================================
 """
+
 from __future__ import annotations
 
 __all__ = [

@@ -22,6 +22,7 @@ Usage::
     from psalm.modeling.tokenizer import save_tiny_tokenizer
     path = save_tiny_tokenizer("/tmp/tok")          # then cfg.MODEL.PSALM.TOKENIZER = path
 """
+
 from __future__ import annotations
 
 import collections

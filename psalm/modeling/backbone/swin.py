@@ -14,9 +14,8 @@ State-dict names are transformers' ``SwinBackbone`` names under ``model.`` (e.g.
 ``model.hidden_states_norms.stage1.weight``). ``psalm.checkpoint.vision_keys`` converts the official
 PSALM / Mask2Former names (fused ``qkv``, ``norm{i}``) to these.
 """
-from __future__ import annotations
 
-import logging
+from __future__ import annotations
 
 import torch
 from detectron2.config import configurable
@@ -24,8 +23,6 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 from transformers import SwinConfig
 from transformers.models.swin.modeling_swin import SwinBackbone
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["PSALMSwinTransformer", "SWIN_STAGE_TO_FEATURE"]
 

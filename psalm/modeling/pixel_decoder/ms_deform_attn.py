@@ -15,6 +15,7 @@ Precision: sampling offsets, attention weights (softmax) and the sampling itself
 float32 (float64 when the inputs are float64) with autocast disabled, so bf16/fp16 training does
 not quantise the sampling locations (a bf16 location is off by up to 1/256 of the map).
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,7 +73,8 @@ def resolve_deform_attn_impl(impl: str) -> str:
         else:
             logger.warning(
                 "Multi-scale deformable attention: torch-ms-deform-attn is not importable (%s); using the "
-                "pure-PyTorch reference (slower, more memory).", err,
+                "pure-PyTorch reference (slower, more memory).",
+                err,
             )
     return choice
 
@@ -80,7 +82,9 @@ def resolve_deform_attn_impl(impl: str) -> str:
 def _level_shapes(spatial_shapes: torch.Tensor, num_values: int) -> list[tuple[int, int]]:
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     if sum(h * w for h, w in shapes) != num_values:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {num_values}")
+        raise ValueError(
+            f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {num_values}"
+        )
     return shapes
 
 
@@ -135,7 +139,12 @@ def ms_deform_attn_kernel(
 
 
 def multi_scale_deformable_attention(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl: str = "pytorch",
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    impl: str = "pytorch",
     im2col_step: int = 64,
 ) -> torch.Tensor:
     """Dispatch to the implementation ``impl`` (``"pytorch"`` or ``"kernel"``; resolve ``"auto"`` first)."""
@@ -155,8 +164,15 @@ class MSDeformAttn(nn.Module):
     the sampling offsets and the attention weights are linear functions of the query.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 impl: str = "auto", im2col_step: int = 128):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str = "auto",
+        im2col_step: int = 128,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -230,7 +246,12 @@ class MSDeformAttn(nn.Module):
             )
             out = multi_scale_deformable_attention(
                 value.to(compute).view(N, S, M, self.d_model // M),
-                input_spatial_shapes, input_level_start_index, locations, weights, self.impl, self.im2col_step,
+                input_spatial_shapes,
+                input_level_start_index,
+                locations,
+                weights,
+                self.impl,
+                self.im2col_step,
             )
         return self.output_proj(out.to(query.dtype))
 

@@ -14,9 +14,8 @@ PSALM differences (official checkpoint and golden data):
 * float32 "islands", kept even when the module runs in float64: sine positional encodings, the
   encoder's reference points and valid ratios, and the FPN top-down bilinear upsample.
 """
-from __future__ import annotations
 
-import logging
+from __future__ import annotations
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -28,8 +27,6 @@ from torch import nn
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .ms_deform_attn import MSDeformAttn
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["PIXEL_DECODER_REGISTRY", "MSDeformAttnPixelDecoder", "build_pixel_decoder"]
 
@@ -60,6 +57,8 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
 
 
 class MSDeformAttnTransformerEncoder(nn.Module):
+    """A stack of encoder layers over the flattened multi-level map (keys ``layers.{i}.*``)."""
+
     def __init__(self, num_layers: int, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList([MSDeformAttnTransformerEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
@@ -80,32 +79,46 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         points = torch.cat(points, 1)
         return points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask=None):
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        ref = self.reference_points(shapes, valid_ratios)
+    def forward(self, src, spatial_shapes, level_start_index, reference_points, pos, padding_mask=None):
+        """src, pos: [B, S, C]; reference_points: [B, S, L, 2] (see :meth:`reference_points`) -> [B, S, C]."""
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return src
 
 
 class MSDeformAttnTransformerEncoderOnly(nn.Module):
     """Flattens the levels, adds ``level_embed`` to the positional term and runs the encoder."""
 
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.0,
-                 num_feature_levels=3, enc_n_points=4, impl="auto"):
+    def __init__(
+        self,
+        d_model=256,
+        nhead=8,
+        num_encoder_layers=6,
+        dim_feedforward=1024,
+        dropout=0.0,
+        num_feature_levels=3,
+        enc_n_points=4,
+        impl="auto",
+    ):
         super().__init__()
         self.encoder = MSDeformAttnTransformerEncoder(
-            num_encoder_layers, d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
-            n_levels=num_feature_levels, n_heads=nhead, n_points=enc_n_points, impl=impl,
+            num_encoder_layers,
+            d_model=d_model,
+            d_ffn=dim_feedforward,
+            dropout=dropout,
+            n_levels=num_feature_levels,
+            n_heads=nhead,
+            n_points=enc_n_points,
+            impl=impl,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        nn.init.normal_(self.level_embed)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
+        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[torch.Tensor], pos_embeds: list[torch.Tensor]):
         """srcs / pos_embeds: per level [B, C, H_l, W_l] -> ([B, S, C], spatial_shapes [L, 2], level_start_index [L])."""
@@ -119,8 +132,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         # Mask2Former never pads here: every position is valid (ratios are 1, computed in float32)
         valid_ratios = torch.ones(srcs[0].shape[0], len(srcs), 2, dtype=torch.float32, device=device)
-        memory = self.encoder(torch.cat(src_flat, 1), spatial_shapes, level_start_index, valid_ratios,
-                              torch.cat(pos_flat, 1))
+        ref = self.encoder.reference_points([(int(h), int(w)) for h, w in shapes], valid_ratios)
+        memory = self.encoder(torch.cat(src_flat, 1), spatial_shapes, level_start_index, ref, torch.cat(pos_flat, 1))
         return memory, spatial_shapes, level_start_index
 
 
@@ -175,9 +188,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.zeros_(proj[0].bias)
 
         self.transformer = MSDeformAttnTransformerEncoderOnly(
-            d_model=conv_dim, nhead=transformer_nheads, num_encoder_layers=transformer_enc_layers,
-            dim_feedforward=transformer_dim_feedforward, dropout=transformer_dropout,
-            num_feature_levels=self.transformer_num_feature_levels, enc_n_points=enc_n_points,
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            enc_n_points=enc_n_points,
             impl=deform_attn_impl,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
@@ -198,10 +215,23 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_fpn_levels = len(fpn)
         self.lateral_convs, self.output_convs = [], []
         for idx, (_, s) in enumerate(fpn):
-            lateral = Conv2d(s.channels, conv_dim, kernel_size=1, bias=fpn_conv_bias, norm=get_norm(norm, conv_dim),
-                             activation=F.relu if lateral_activation else None)
-            output = Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=fpn_conv_bias,
-                            norm=get_norm(norm, conv_dim), activation=F.relu)
+            lateral = Conv2d(
+                s.channels,
+                conv_dim,
+                kernel_size=1,
+                bias=fpn_conv_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu if lateral_activation else None,
+            )
+            output = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                padding=1,
+                bias=fpn_conv_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu,
+            )
             weight_init.c2_xavier_fill(lateral)
             weight_init.c2_xavier_fill(output)
             self.add_module(f"adapter_{idx + 1}", lateral)
@@ -240,12 +270,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             x = features[f]
             srcs.append(self.input_proj[idx](x))
             pos.append(self.pe_layer(x))
-        memory, spatial_shapes, _ = self.transformer(srcs, pos)
+        memory, _, _ = self.transformer(srcs, pos)
         B = memory.shape[0]
-        sizes = spatial_shapes.prod(1).tolist()
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
         outs = [
-            z.transpose(1, 2).reshape(B, -1, int(h), int(w))
-            for z, (h, w) in zip(memory.split(sizes, dim=1), spatial_shapes.tolist())
+            z.transpose(1, 2).reshape(B, -1, h, w)
+            for z, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         for f, lateral, output in zip(self._fpn_features, self.lateral_convs, self.output_convs):
             cur = lateral(features[f])

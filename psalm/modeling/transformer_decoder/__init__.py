@@ -1,4 +1,5 @@
 """Mask decoders (``TRANSFORMER_DECODER_REGISTRY``) and their positional encoding."""
+
 from .position_encoding import PositionEmbeddingSine
 from .psalm_decoder import (
     TRANSFORMER_DECODER_REGISTRY,

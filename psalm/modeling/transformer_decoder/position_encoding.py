@@ -1,4 +1,5 @@
 """Sine positional encoding of a 2-D feature map (DETR / Mask2Former ``PositionEmbeddingSine``)."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,9 @@ class PositionEmbeddingSine(nn.Module):
     code (an fp32 "island" even in fp64 runs), and it never needs gradients.
     """
 
-    def __init__(self, num_pos_feats: int = 64, temperature: float = 10000.0, normalize: bool = True,
-                 scale: float | None = None):
+    def __init__(
+        self, num_pos_feats: int = 64, temperature: float = 10000.0, normalize: bool = True, scale: float | None = None
+    ):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("PositionEmbeddingSine: `scale` is only used with normalize=True")

@@ -19,6 +19,7 @@ attention mask of a layer comes from the previous prediction, bilinearly resized
 layer's level: positions with ``sigmoid(mask logit) < 0.5`` are masked, and a query whose row would be
 fully masked attends everywhere.
 """
+
 from __future__ import annotations
 
 import fvcore.nn.weight_init as weight_init
@@ -31,7 +32,12 @@ from torch import nn
 
 from .position_encoding import PositionEmbeddingSine
 
-__all__ = ["TRANSFORMER_DECODER_REGISTRY", "PSALMMultiScaleMaskedTransformerDecoder", "build_transformer_decoder", "MLP"]
+__all__ = [
+    "TRANSFORMER_DECODER_REGISTRY",
+    "PSALMMultiScaleMaskedTransformerDecoder",
+    "build_transformer_decoder",
+    "MLP",
+]
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = "Mask decoders: multi-scale features + mask features + queries -> predictions."
@@ -94,8 +100,11 @@ class CrossAttentionLayer(nn.Module):
         """tgt [B, Q, D]; memory, pos [B, HW, D]; memory_mask [B * heads, Q, HW] bool (True = masked)."""
         x = self.norm(tgt) if self.normalize_before else tgt
         attn = self.multihead_attn(
-            query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
-            attn_mask=memory_mask, need_weights=False,
+            query=_with_pos(x, query_pos),
+            key=_with_pos(memory, pos),
+            value=memory,
+            attn_mask=memory_mask,
+            need_weights=False,
         )[0]
         out = tgt + self.dropout(attn)
         return out if self.normalize_before else self.norm(out)
@@ -214,8 +223,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             and ``aux_outputs``: ``DEC_LAYERS - 1`` dicts with the same four keys, the first one from the
             raw queries (before layer 0), the last from the second-to-last layer.
         """
-        self._check_inputs(multi_scale_features, mask_features, queries, refer_embeddings, class_embeddings,
-                           region_embeddings)
+        self._check_inputs(
+            multi_scale_features, mask_features, queries, refer_embeddings, class_embeddings, region_embeddings
+        )
         B = queries.shape[0]
         src, pos, sizes = [], [], []
         for i, x in enumerate(multi_scale_features):
@@ -271,7 +281,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
 
     def _check_inputs(self, feats, mask_features, queries, refer, classes, regions):
         if len(feats) != self.num_feature_levels:
-            raise ValueError(f"expected {self.num_feature_levels} multi-scale features (s32, s16, s8); got {len(feats)}")
+            raise ValueError(
+                f"expected {self.num_feature_levels} multi-scale features (s32, s16, s8); got {len(feats)}"
+            )
         if queries.dim() != 3 or queries.shape[1] != self.num_queries:
             raise ValueError(
                 f"queries must be [B, {self.num_queries}, D] (MODEL.MASK_FORMER.NUM_OBJECT_QUERIES); "

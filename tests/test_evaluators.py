@@ -1,0 +1,330 @@
+"""Evaluators against independent references: hand-computed referring / gRefCOCO / interactive cases,
+J and F against esdft-segmetric (DAVIS toolkit functions), PQ against panopticapi's pq_compute and
+mask AP against pycocotools' COCOeval run directly."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, Instances
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from psalm.config import get_psalm_cfg
+from psalm.data.datasets import MissingDatasetFileError, register_all_psalm_datasets
+from psalm.data.datasets._common import register_lazy
+from psalm.data.visual_prompts import encode_rle
+from psalm.evaluation import (
+    DAVISEvaluator,
+    GRESEvaluator,
+    InteractiveEvaluator,
+    ReferringEvaluator,
+    boundary_f_measure,
+    build_evaluator,
+    mean_recall_decay,
+    region_similarity,
+)
+from psalm.evaluation import base as eval_base
+
+from .dataset_fixtures import load_prepare_script, make_coco, make_davis
+
+H, W = 4, 5
+
+
+def _mask(*cells):
+    m = np.zeros((H, W), dtype=bool)
+    for r, c in cells:
+        m[r, c] = True
+    return m
+
+
+def _inst(*masks, hw=(H, W)):
+    inst = Instances(hw)
+    inst.pred_masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, *hw), dtype=bool))
+    inst.scores = torch.ones(len(masks))
+    return inst
+
+
+def _register(name, dicts, **meta):
+    register_lazy(name, lambda: [dict(d) for d in dicts], **meta)
+
+
+def _ann(mask, **kw):
+    return dict(segmentation=encode_rle(mask), bbox=[0, 0, 1, 1], category_id=0, iscrowd=0, **kw)
+
+
+# ----------------------------------------------------------------------------- referring
+def test_referring_hand_computed():
+    g1 = _mask((0, 0), (0, 1), (1, 0), (1, 1))
+    p1 = _mask((0, 0), (0, 1), (0, 2))  # I = 2, U = 5
+    g2 = _mask((3, 3), (3, 4))
+    dicts = [
+        {"sample_id": "a", "height": H, "width": W, "annotations": [_ann(g1)]},
+        {"sample_id": "b", "height": H, "width": W, "annotations": [_ann(g2)]},  # empty prediction: I 0, U 2
+        {"sample_id": "c", "height": H, "width": W, "annotations": []},  # empty GT, empty pred: IoU 1
+    ]
+    _register("test_ref", dicts, evaluator_type="referring", task="referring")
+    ev = ReferringEvaluator("test_ref", distributed=False)
+    ev.reset()
+    ev.process([{"sample_id": "a"}, {"sample_id": "b"}, {"sample_id": "c"}],
+               [{"instances": _inst(p1)}, {"instances": _inst()}, {"instances": _inst(np.zeros((H, W), bool))}])
+    res = ev.evaluate()["referring"]
+    assert res["cIoU"] == pytest.approx(100 * 2 / 7)
+    assert res["gIoU"] == pytest.approx(100 * (0.4 + 0 + 1) / 3)
+    assert res["Pr@0.5"] == pytest.approx(100 / 3) and res["Pr@0.9"] == pytest.approx(100 / 3)
+    with pytest.raises(KeyError, match="must pass 'sample_id' through"):
+        ev.process([{"image_id": 1}], [{"instances": _inst()}])
+    with pytest.raises(ValueError, match="original image size"):
+        ev.process([{"sample_id": "a"}], [{"instances": _inst(np.zeros((3, 3), bool), hw=(3, 3))}])
+    with pytest.raises(ValueError, match="binary"):
+        ev.process([{"sample_id": "a"}], [{"instances": _inst(np.zeros((H, W), np.float32))}])
+
+
+def test_gres_n_acc_t_acc_hand_computed():
+    g = _mask((0, 0), (0, 1), (1, 1))
+    p = _mask((0, 0), (0, 1))  # I 2, U 3
+    dicts = [
+        {"sample_id": "tp", "height": H, "width": W, "annotations": [], "no_target": True},
+        {"sample_id": "fn", "height": H, "width": W, "annotations": [], "no_target": True},
+        {"sample_id": "fp", "height": H, "width": W, "annotations": [_ann(g)], "no_target": False},
+        {"sample_id": "tn", "height": H, "width": W, "annotations": [_ann(g)], "no_target": False},
+    ]
+    _register("test_gres", dicts, evaluator_type="gres", task="gres")
+    ev = GRESEvaluator("test_gres", distributed=False)
+    ev.reset()
+    ev.process(
+        [{"sample_id": k} for k in ("tp", "fn", "fp", "tn")],
+        [
+            {"instances": _inst(), "no_target": True},  # no-target predicted: TP (IoU 1)
+            {"instances": _inst(_mask((3, 0), (3, 1), (3, 2), (3, 3))), "no_target": False},  # FN: I 0, U 4
+            {"instances": _inst(g), "no_target": True},  # flag wins: empty prediction -> FP, I 0, U 3
+            {"instances": _inst(p), "no_target": False},  # TN: I 2, U 3
+        ],
+    )
+    res = ev.evaluate()["gres"]
+    assert res["N-acc"] == pytest.approx(50.0) and res["T-acc"] == pytest.approx(50.0)
+    assert res["cIoU"] == pytest.approx(100 * 2 / (0 + 4 + 3 + 3))
+    assert res["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 2 / 3) / 4)
+    assert res["Pr@0.5"] == pytest.approx(50.0)  # over the 2 samples with a target
+    assert res["num_no_target"] == 2
+
+
+def test_interactive_per_region_and_rank_gather(monkeypatch):
+    g0, g1 = _mask((0, 0), (0, 1)), _mask((2, 2))
+    g2 = _mask((3, 4), (2, 4))
+    dicts = [
+        {"sample_id": "1", "height": H, "width": W, "annotations": [_ann(g0), _ann(g1)]},
+        {"sample_id": "2", "height": H, "width": W, "annotations": [_ann(g2)]},
+    ]
+    _register("test_inter", dicts, evaluator_type="interactive", task="interactive", prompt_type="box")
+    inputs = [{"sample_id": "1", "region_ann_indices": [1, 0]}, {"sample_id": "2"}]
+    outputs = [{"instances": _inst(g1, _mask((0, 0)))}, {"instances": _inst(_mask((0, 0)))}]
+    ev = InteractiveEvaluator("test_inter", distributed=False)
+    ev.reset()
+    ev.process(inputs, outputs)
+    res = ev.evaluate()["interactive"]
+    # regions: (g1 vs g1) 1/1, (g0 vs (0,0)) 1/2, (g2 vs (0,0)) 0/3
+    assert res["mIoU_box"] == pytest.approx(100 * (1 + 0.5 + 0) / 3)
+    assert res["cIoU_box"] == pytest.approx(100 * 2 / 6) and res["num_regions"] == 3
+    with pytest.raises(ValueError, match="2 predicted masks for 1 regions"):
+        ev.process([{"sample_id": "2"}], [{"instances": _inst(g2, g2)}])
+
+    # two "ranks", each with half of the samples, gathered on the main process = one evaluator
+    r0, r1 = InteractiveEvaluator("test_inter"), InteractiveEvaluator("test_inter")
+    r0.reset(), r1.reset()
+    r0.process(inputs[:1], outputs[:1])
+    r1.process(inputs[1:], outputs[1:])
+    monkeypatch.setattr(eval_base.comm, "gather", lambda data, dst=0: [r0._stats, r1._stats])
+    assert r0.evaluate()["interactive"] == res
+    monkeypatch.setattr(eval_base.comm, "is_main_process", lambda: False)
+    assert r1.evaluate() is None
+
+
+# ----------------------------------------------------------------------------- DAVIS vs segmetric
+def _shift(m, dy, dx):
+    return np.roll(np.roll(m, dy, axis=0), dx, axis=1)
+
+
+def test_davis_j_f_against_segmetric(tmp_path):
+    from segmetric.metrics import db_eval_boundary, db_eval_iou
+    from segmetric.utils import db_statistics
+
+    root = str(tmp_path / "data")
+    labels = make_davis(root, n_frames=7)
+    register_all_psalm_datasets(root)
+    try:
+        load_prepare_script("prepare_davis").main(["--root", root])
+        frames = DatasetCatalog.get("davis17_val")
+        out_dir = str(tmp_path / "out")
+        ev = DAVISEvaluator("davis17_val", distributed=False, output_dir=out_dir)
+        ev.reset()
+        preds = {}
+        for f in frames:
+            gt = labels[f["video_name"]][f["frame_index"]]
+            t = f["frame_index"]
+            masks = [_shift(gt == oid, t % 2, (t + oid) % 3 - 1) for oid in f["object_ids"]]
+            if f["video_name"] == "cows" and t == 5:
+                masks[1][:] = False  # a missed object
+            preds[(f["video_name"], t)] = masks
+            ev.process([{"sample_id": f["sample_id"]}], [{"instances": _inst(*masks, hw=gt.shape)}])
+        res = ev.evaluate()["davis"]
+
+        J, F = {"M": [], "R": [], "D": []}, {"M": [], "R": [], "D": []}
+        for video, labs in labels.items():
+            oids = [o for o in np.unique(labs[0]) if o not in (0, 255)]
+            for k, oid in enumerate(oids):
+                js, fs = [], []
+                for t in range(1, len(labs) - 1):
+                    painted = np.zeros(labs[t].shape, np.uint8)
+                    for kk, o in enumerate(oids):
+                        painted[preds[(video, t)][kk]] = o
+                    gt_o, pr_o, void = labs[t] == oid, painted == oid, labs[t] == 255
+                    js.append(db_eval_iou(gt_o, pr_o, void))
+                    fs.append(db_eval_boundary(gt_o, pr_o, void))
+                    assert region_similarity(pr_o, gt_o, void) == pytest.approx(js[-1], abs=1e-12)
+                    assert boundary_f_measure(pr_o, gt_o, void) == pytest.approx(fs[-1], abs=1e-12)
+                for acc, vals in ((J, js), (F, fs)):
+                    m, r, d = db_statistics(np.array(vals))
+                    assert mean_recall_decay(vals) == pytest.approx((m, r, d), abs=1e-12)
+                    acc["M"].append(m), acc["R"].append(r), acc["D"].append(d)
+        for name, acc in (("J", J), ("F", F)):
+            assert res[f"{name}-Mean"] == pytest.approx(100 * np.mean(acc["M"]), abs=1e-9)
+            assert res[f"{name}-Recall"] == pytest.approx(100 * np.mean(acc["R"]), abs=1e-9)
+            assert res[f"{name}-Decay"] == pytest.approx(100 * np.mean(acc["D"]), abs=1e-9)
+        assert res["J&F-Mean"] == pytest.approx((res["J-Mean"] + res["F-Mean"]) / 2)
+        assert res["num_objects"] == 3 and 0 < res["J-Mean"] < 100
+        png = np.asarray(Image.open(os.path.join(out_dir, "davis_predictions", "cows", "00002.png")))
+        assert set(np.unique(png)) <= {0, 1, 2}
+
+        ev2 = DAVISEvaluator("davis17_val", distributed=False)
+        ev2.reset()
+        ev2.process([{"sample_id": frames[1]["sample_id"]}], [{"instances": _inst(*preds[("bear", 1)], hw=(20, 30))}])
+        with pytest.raises(ValueError, match="no prediction for frame"):
+            ev2.evaluate()
+    finally:
+        register_all_psalm_datasets()
+
+
+# ----------------------------------------------------------------------------- PQ / AP via detectron2
+@pytest.fixture
+def coco_root(tmp_path):
+    root = str(tmp_path / "data")
+    fx = make_coco(root)
+    register_all_psalm_datasets(root)
+    yield root, fx
+    register_all_psalm_datasets()
+
+
+def _cfg(**flags):
+    cfg = get_psalm_cfg()
+    for k, v in flags.items():
+        setattr(cfg.MODEL.MASK_FORMER.TEST, k, v)
+    return cfg
+
+
+def test_pq_matches_panopticapi(coco_root, tmp_path):
+    from panopticapi.evaluation import pq_compute
+
+    root, fx = coco_root
+    name = "coco_2017_val_panoptic_psalm"
+    meta = MetadataCatalog.get(name)
+    ev = build_evaluator(_cfg(INSTANCE_ON=False, SEMANTIC_ON=False), name, output_dir=str(tmp_path / "pq"))
+    ev.reset()
+    # predictions: image 1 person slightly off + car; image 2 car as person (wrong class); image 3 wall
+    cont = {v: k for k, v in {**meta.thing_dataset_id_to_contiguous_id, **meta.stuff_dataset_id_to_contiguous_id}.items()}
+    pred_dir = str(tmp_path / "ref_pred")
+    os.makedirs(pred_dir)
+    ref_anns = []
+    for img in fx["images"]:
+        seg = np.full((fx["H"], fx["W"]), 1, dtype=np.int32)
+        infos = [{"id": 1, "category_id": 131, "isthing": False}]
+        if img["id"] == 1:
+            seg[3:14, 2:12] = 2
+            seg[4:20, 16:30] = 3
+            infos += [{"id": 2, "category_id": 0, "isthing": True}, {"id": 3, "category_id": 2, "isthing": True}]
+        elif img["id"] == 2:
+            seg[4:18, 4:20] = 2
+            infos += [{"id": 2, "category_id": 0, "isthing": True}]
+        inp = {"image_id": img["id"], "file_name": os.path.join(root, "coco", "val2017", img["file_name"])}
+        ev.process([inp], [{"panoptic_seg": (torch.from_numpy(seg), [dict(i) for i in infos])}])
+        # independent reference: our own prediction PNG + JSON in dataset ids
+        png = img["file_name"].replace(".jpg", ".png")
+        rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(os.path.join(pred_dir, png))
+        ref_anns.append({"image_id": img["id"], "file_name": png,
+                         "segments_info": [{"id": i["id"], "category_id": cont[i["category_id"]]} for i in infos]})
+    gt_json = os.path.join(root, "coco", "annotations", "panoptic_val2017.json")
+    pred_json = str(tmp_path / "ref_pred.json")
+    gt = json.load(open(gt_json))
+    json.dump({"annotations": ref_anns, "images": gt["images"], "categories": gt["categories"]}, open(pred_json, "w"))
+    ref = pq_compute(gt_json, pred_json, gt_folder=os.path.join(root, "coco", "panoptic_val2017"), pred_folder=pred_dir)
+    res = ev.evaluate()["panoptic_seg"]
+    for key in ("pq", "sq", "rq"):
+        assert res[key.upper()] == pytest.approx(100 * ref["All"][key], abs=1e-9)
+        assert res[key.upper() + "_th"] == pytest.approx(100 * ref["Things"][key], abs=1e-9)
+    assert 0 < res["PQ"] < 100
+
+
+def test_mask_ap_matches_cocoeval(coco_root, tmp_path):
+    root, fx = coco_root
+    name = "coco_2017_val_instance_psalm"
+    ev = build_evaluator(None, name, output_dir=str(tmp_path / "ap"), distributed=False)
+    ev.reset()
+    meta = MetadataCatalog.get(name)
+    to_dataset = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+    rng = np.random.default_rng(0)
+    results = []
+    gt_masks = {a["id"]: a for a in fx["anns"]}
+    coco_gt = COCO(meta.json_file)
+    for img in fx["images"]:
+        masks, scores, classes = [], [], []
+        for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img["id"])):
+            m = coco_gt.annToMask(a).astype(bool)
+            masks.append(np.roll(m, int(rng.integers(0, 3)), axis=1))
+            scores.append(float(rng.uniform(0.3, 1.0)))
+            classes.append(meta.thing_dataset_id_to_contiguous_id[a["category_id"]])
+        masks.append(np.zeros((fx["H"], fx["W"]), bool))
+        masks[-1][0:5, 0:5] = True  # a false positive
+        scores.append(0.9)
+        classes.append(1)  # bicycle
+        inst = Instances((fx["H"], fx["W"]))
+        inst.pred_masks = torch.from_numpy(np.stack(masks))
+        inst.scores = torch.tensor(scores)
+        inst.pred_classes = torch.tensor(classes)
+        inst.pred_boxes = Boxes(torch.zeros(len(masks), 4))
+        ev.process([{"image_id": img["id"], "file_name": img["file_name"]}], [{"instances": inst}])
+        for m, s, c in zip(masks, scores, classes):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            results.append({"image_id": img["id"], "category_id": to_dataset[c], "segmentation": rle, "score": s})
+    res = ev.evaluate()["segm"]
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="segm")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    assert res["AP"] == pytest.approx(100 * coco_eval.stats[0], abs=1e-9)
+    assert res["AP50"] == pytest.approx(100 * coco_eval.stats[1], abs=1e-9)
+    assert 0 < res["AP"] < 100 and len(gt_masks) == 4
+
+
+# ----------------------------------------------------------------------------- dispatch / errors
+def test_build_evaluator_dispatch_and_missing_files(tmp_path):
+    register_all_psalm_datasets(str(tmp_path / "nothing"))
+    try:
+        assert isinstance(build_evaluator(None, "refcoco_unc_val"), ReferringEvaluator)
+        assert isinstance(build_evaluator(None, "grefcoco_val"), GRESEvaluator)
+        assert isinstance(build_evaluator(None, "coco_interactive_val_point"), InteractiveEvaluator)
+        assert isinstance(build_evaluator(None, "davis17_val"), DAVISEvaluator)
+        with pytest.raises(ValueError, match="no evaluator"):
+            build_evaluator(None, "llava_v1_5_mix665k_psalm")
+        with pytest.raises(ValueError, match="evaluator_type"):
+            build_evaluator(None, "no_such_dataset_xyz")
+        ev = build_evaluator(None, "refcoco_unc_val")
+        with pytest.raises(MissingDatasetFileError, match="prepare_refcoco.py"):
+            ev.process([{"sample_id": "0/0"}], [{"instances": _inst()}])
+    finally:
+        register_all_psalm_datasets()

@@ -40,11 +40,11 @@ def _detectron2_build():
 
 
 def _deform_attn_backend():
-    try:
-        from psalm.modeling.pixel_decoder.ms_deform_attn import describe_backends
-    except ImportError as e:
-        return f"unknown ({e})"
-    return describe_backends()
+    from psalm.modeling.pixel_decoder.ms_deform_attn import _import_kernel, resolve_deform_attn_impl
+
+    _, err = _import_kernel()
+    choice = resolve_deform_attn_impl("auto")
+    return choice if err is None else f"{choice} (kernel not importable: {err})"
 
 
 def collect_env_info() -> str:

@@ -7,3 +7,4 @@ from .transformer_decoder import (
     PSALMMultiScaleMaskedTransformerDecoder,
     build_transformer_decoder,
 )
+from .meta_arch import PSALM, build_psalm_model

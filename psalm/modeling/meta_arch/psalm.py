@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -262,14 +261,6 @@ class PSALM(nn.Module):
             )
         return self.prompt_builder
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Elements of the state dict (parameters + persistent buffers) per top-level module."""
-        counts: dict[str, int] = {}
-        for key, value in self.state_dict().items():
-            top = key.split(".", 1)[0]
-            counts[top] = counts.get(top, 0) + value.numel()
-        return counts
-
     # ------------------------------------------------------------------------------ vision
     def preprocess_images(self, batched_inputs: Sequence[Mapping]) -> torch.Tensor:
         """uint8 images [3, S, S] -> normalised [B, 3, S, S] (computed in fp32, cast to the model dtype)."""
@@ -494,5 +485,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts[top] = counts.get(top, 0) + value.numel()
     return counts
 
-
-_ = math  # (kept for future shape checks)

@@ -195,9 +195,8 @@ class PSALMPredictor:
 
     def __init__(self, cfg):
         from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.modeling import build_model
 
-        import psalm.modeling  # noqa: F401  (registers the PSALM meta-architecture)
+        from psalm.modeling.meta_arch import build_psalm_model
 
         self.cfg = cfg.clone()
         self.cfg.freeze()
@@ -209,7 +208,9 @@ class PSALMPredictor:
         self.scribble_radius = int(cfg.INPUT.SCRIBBLE_RADIUS)
         self.default_task = cfg.MODEL.PSALM.TEST_TASK
 
-        self.model = build_model(self.cfg)
+        if cfg.MODEL.META_ARCHITECTURE != "PSALM":
+            raise ValueError(f"PSALMPredictor runs MODEL.META_ARCHITECTURE='PSALM', got {cfg.MODEL.META_ARCHITECTURE!r}")
+        self.model = build_psalm_model(self.cfg, device=self.device)
         self.model.eval()
         if cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
@@ -269,8 +270,9 @@ class PSALMPredictor:
     def predict_prompts(self, image: ImageLike, prompts: Sequence[Mapping]) -> List[Dict]:
         """Several prompts (each a dict with ``task`` and its keywords) for ONE image.
 
-        The image is decoded, preprocessed and encoded by the vision backbone once; prompts of the
-        same task run as one batch that shares the image features. Returns one output per prompt.
+        The image is decoded, preprocessed and encoded ONCE (``PSALM.encode_images``: backbone,
+        projector and pixel decoder); every prompt reuses those features (expanded views, no copy)
+        and the model runs one batched forward per task. Returns one output per prompt, in order.
         """
         if not prompts:
             raise ValueError("predict_prompts needs at least one prompt dict")
@@ -281,13 +283,8 @@ class PSALMPredictor:
             p = dict(p)
             inputs.append(self.make_input(rgb, p.pop("task", None), _preprocessed=(image_t, padding_mask, new_hw), **p))
         features = self.encode_images(inputs[:1])
-        outputs: List[Optional[Dict]] = [None] * len(inputs)
-        for task in dict.fromkeys(inp["task"] for inp in inputs):
-            idx = [i for i, inp in enumerate(inputs) if inp["task"] == task]
-            shared = None if features is None else _expand_batch(features, len(idx))
-            for i, out in zip(idx, self.run([inputs[i] for i in idx], image_features=shared)):
-                outputs[i] = out
-        return outputs
+        # the model splits a mixed batch into one forward per task (and class count)
+        return self.run(inputs, image_features=None if features is None else _expand_batch(features, len(inputs)))
 
     def make_input(self, image_rgb: np.ndarray, task: Optional[str] = None, _preprocessed=None, **prompt) -> Dict:
         """One model input dict (``docs/DESIGN.md``, "Model input") from a uint8 RGB image and a prompt."""

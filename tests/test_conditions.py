@@ -201,3 +201,9 @@ def test_region_pooler_errors():
         pool(torch.randn(1, 12, 4), [torch.ones(1, 32, 32, dtype=torch.bool)])
     with pytest.raises(ValueError, match="REGION_POOLING"):
         RegionPooler("max")
+    # a sample without visual prompts gets an empty [0, H] result
+    out = pool.eval()(
+        torch.randn(2, 16, 4), [torch.zeros(0, 32, 32, dtype=torch.bool), torch.ones(1, 32, 32, dtype=torch.bool)]
+    )
+    assert out[0].shape == (0, 4) and out[1].shape == (1, 4)
+    assert RegionPooler()(torch.randn(1, 16, 4), [torch.zeros(0, 32, 32, dtype=torch.bool)])[0].shape == (0, 4)

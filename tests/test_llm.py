@@ -116,3 +116,41 @@ def test_batch_of_two_equals_two_singles_through_the_llm(tmp_path):
             ).last_hidden_state
             n = h1.shape[1]
             assert (h2[i, :n] - h1[0]).abs().max() < 1e-10
+
+
+def test_full_size_phi15_builds_on_meta_instantly():
+    """The default config is Phi-1.5 + PSALM vocabulary: 1.4145 B parameters (spec appendix A), no memory."""
+    llm = build_llm(get_psalm_cfg(), device="meta")
+    n = sum(p.numel() for p in llm.parameters())
+    V, H, Im, L = 50297, 2048, 8192, 24
+    assert n == 2 * V * H + L * (4 * (H * H + H) + 2 * H * Im + Im + H + 2 * H) + 2 * H == 1_414_520_832
+    assert all(p.is_meta for p in llm.parameters()) and llm.lm_head.bias is None
+
+
+@pytest.mark.slow
+def test_full_size_phi15_random_init():
+    llm = build_llm(get_psalm_cfg())  # about 20 s on one CPU core, 5.7 GB
+    assert not any(p.is_meta for p in llm.parameters())
+    assert 0.015 < float(llm.model.layers[-1].mlp.fc2.weight[:64].std()) < 0.025
+
+
+def test_left_padded_batch_generates_like_single_samples(tmp_path):
+    tok = load_tokenizer(save_tiny_tokenizer(tmp_path))
+    torch.manual_seed(0)
+    llm = build_llm(tiny_cfg(vocab=len(tok)), tokenizer=tok).eval()
+    b = PromptBuilder(tok)
+    convs = [
+        [{"from": "human", "value": "<image>\nWhat?"}],
+        [{"from": "human", "value": "<image>\nDescribe the image in detail please."}],
+    ]
+    prompts = [b.build("instruction", conversation=c, add_generation_prompt=True) for c in convs]
+    img = torch.randn(2, 4, 64)
+    asm, emb = SequenceAssembler("left"), llm.get_input_embeddings()
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        both = asm(prompts, emb, img)
+        out2 = llm.generate(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask.long(), **kwargs)
+        for i, p in enumerate(prompts):
+            one = asm([p], emb, img[i : i + 1])
+            out1 = llm.generate(inputs_embeds=one.inputs_embeds, attention_mask=one.attention_mask.long(), **kwargs)
+            assert torch.equal(out2[i], out1[0])

@@ -155,6 +155,9 @@ def test_hf_directory_conversion_and_vocab_resize(hf_dir):
     assert not torch.equal(other.state_dict["lm_head.weight"][-1], conv.state_dict["lm_head.weight"][-1])
     with pytest.raises(ValueError, match="num_base_tokens"):
         hf_phi_to_psalm(sd, config, target_vocab_size=len(tok))
+    # a checkpoint that already has the wanted rows (PSALM-trained vocabulary) is not re-initialised
+    same = hf_phi_to_psalm(sd, config, base, base + 7, mean_ids)
+    assert torch.equal(same.state_dict["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
     # the transformers-4.36 fused layout converts to the same weights
     fused = {k: v for k, v in sd.items() if not any(n in k for n in ("q_proj", "k_proj", "v_proj"))}
     for i in range(2):

@@ -159,3 +159,233 @@ def test_draw_prediction_every_output_kind():
         assert not np.array_equal(out, image), f"{task}: nothing was drawn"
     with pytest.raises(ValueError, match="must contain 'instances'"):
         draw_prediction(image, {"sem_seg": torch.rand(2, h, w)}, "referring")
+
+
+# ----------------------------------------------------------------------------------- the predictor
+@pytest.fixture(scope="session")
+def psalm_cache(tmp_path_factory):
+    """One tiny-tokenizer cache for the whole session (building it takes a few seconds)."""
+    return str(tmp_path_factory.getbasetemp() / "psalm_cache")
+
+
+def _tiny_cfg(cache, *opts):
+    from psalm.predictor import ensure_tokenizer
+
+    return ensure_tokenizer(get_psalm_cfg(TINY, ["MODEL.DEVICE", "cpu", *opts]), cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def predictor(psalm_cache):
+    from psalm.predictor import PSALMPredictor
+
+    torch.manual_seed(0)
+    return PSALMPredictor(_tiny_cfg(psalm_cache))
+
+
+COFFEE = skdata.coffee()  # (400, 600, 3) uint8, CC0
+CLASSES = ["cup", "saucer", "spoon", "table"]
+
+
+def _check_instances(inst, n, hw):
+    assert inst.image_size == hw
+    assert inst.pred_masks.shape == (n, *hw) and inst.pred_masks.dtype == torch.bool
+    assert inst.scores.shape == (n,) and bool(((inst.scores >= 0) & (inst.scores <= 1)).all())
+
+
+def test_category_tasks(predictor):
+    hw = COFFEE.shape[:2]
+    out = predictor(COFFEE, task="panoptic", classes=CLASSES, is_thing=[True, True, True, False])
+    pan, segments = out["panoptic_seg"]
+    assert pan.shape == hw and pan.dtype == torch.int32
+    assert {int(v) for v in pan.unique()} <= {0} | {s["id"] for s in segments}
+    assert all(0 <= s["category_id"] < len(CLASSES) for s in segments)
+    assert out["sem_seg"].shape == (len(CLASSES), *hw)
+    assert all(int(c) != 3 for c in out["instances"].pred_classes)  # panoptic instances: things only
+
+    inst = predictor(COFFEE, task="instance", classes=CLASSES)["instances"]
+    _check_instances(inst, len(inst), hw)
+    assert len(inst) > 0 and bool((inst.pred_classes < len(CLASSES)).all()) and inst.pred_boxes.tensor.shape == (len(inst), 4)
+
+    sem = predictor(COFFEE, task="semantic", classes=["cup", "wooden table"])["sem_seg"]
+    assert sem.shape == (2, *hw) and sem.dtype == torch.float32 and bool(torch.isfinite(sem).all())
+
+
+def test_referring_and_gres(predictor):
+    hw = COFFEE.shape[:2]
+    _check_instances(predictor(COFFEE, task="referring", text="the white cup")["instances"], 1, hw)
+    two = predictor(COFFEE, task="referring", text=["the cup", "white porcelain"])  # merged sentences
+    _check_instances(two["instances"], 1, hw)
+    gres = predictor(COFFEE, task="gres", text="all spoons")
+    assert isinstance(gres["no_target"], bool)
+    _check_instances(gres["instances"], 0 if gres["no_target"] else 1, hw)
+
+
+def test_interactive_every_prompt_kind(predictor):
+    hw = COFFEE.shape[:2]
+    mask = np.zeros(hw, bool)
+    mask[300:350, 50:120] = True
+    out = predictor(
+        COFFEE, task="interactive", points=[(240, 150), [(100, 60), (110, 70)]],
+        scribbles=[[(400, 300), (450, 320), (500, 380)]], boxes=[(150, 40, 330, 260)], masks=[mask],
+    )
+    _check_instances(out["instances"], 5, hw)
+
+
+def test_instruction(predictor):
+    out = predictor(COFFEE, task="instruction", question="What is on the table?")
+    assert set(out) == {"text"} and isinstance(out["text"], str)
+
+
+def test_image_kinds_give_the_same_result(predictor, tmp_path):
+    rgb = skdata.chelsea()
+    path = tmp_path / "cat.png"
+    Image.fromarray(rgb).save(path)
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=2)
+    variants = [rgb, str(path), path, Image.fromarray(rgb), rgba, rgb.astype(np.uint16) * 257]
+    scores = [predictor(v, task="referring", text="the cat")["instances"].scores for v in variants]
+    for s in scores[1:]:
+        torch.testing.assert_close(s, scores[0])
+    gray = predictor(skdata.camera(), task="referring", text="the man")  # 2-d grayscale
+    _check_instances(gray["instances"], 1, (512, 512))
+
+
+def test_batch_equals_single_and_keeps_order(predictor):
+    images = [COFFEE, skdata.chelsea(), skdata.astronaut()]
+    prompts = [{"task": "referring", "text": "the cup"}, {"task": "instance", "classes": ["cat"]},
+               {"task": "interactive", "points": [(250, 200)]}]
+    batch = predictor.predict_batch(images, prompts=prompts, batch_size=2)
+    for img, p, out in zip(images, prompts, batch):
+        p = dict(p)
+        single = predictor(img, p.pop("task"), **p)
+        assert out["instances"].image_size == img.shape[:2]
+        torch.testing.assert_close(out["instances"].scores, single["instances"].scores, atol=1e-5, rtol=1e-4)
+    shared = predictor.predict_batch([COFFEE, COFFEE], task="referring", text="the cup")
+    torch.testing.assert_close(shared[0]["instances"].scores, shared[1]["instances"].scores)
+
+
+def test_prompts_share_one_image_encoding(predictor):
+    calls = []
+    handle = predictor.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        prompts = [{"task": "referring", "text": "the cup"}, {"task": "interactive", "points": [(240, 150)]},
+                   {"task": "panoptic", "classes": CLASSES}, {"task": "referring", "text": "the spoon"}]
+        outs = predictor.predict_prompts(COFFEE, prompts)
+        assert len(calls) == 1, f"the backbone ran {len(calls)} times for one image"
+    finally:
+        handle.remove()
+    assert "panoptic_seg" in outs[2] and len(outs) == 4
+    for p, out in zip(prompts, outs):
+        if p["task"] == "panoptic":
+            continue
+        p = dict(p)
+        single = predictor(COFFEE, p.pop("task"), **p)
+        torch.testing.assert_close(out["instances"].scores, single["instances"].scores, atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_region_survives_resize(predictor):
+    mask = np.zeros(COFFEE.shape[:2], bool)
+    mask[201, 301] = True  # one pixel; the 600 -> 256 nearest resize may drop it
+    inp = predictor.make_input(COFFEE, "interactive", masks=[mask])
+    assert inp["region_masks"].shape == (1, 256, 256) and int(inp["region_masks"].sum()) >= 1
+    rows, cols = torch.nonzero(inp["region_masks"][0], as_tuple=True)
+    assert abs(int(rows[0]) - 201 * 256 / 600) <= 1 and abs(int(cols[0]) - 301 * 256 / 600) <= 1
+
+
+@pytest.mark.parametrize(
+    "task, kwargs, match",
+    [
+        ("referring", {"text": ""}, "empty"),
+        ("referring", {"text": "   "}, "empty"),
+        ("referring", {"text": []}, "non-empty list"),
+        ("referring", {}, "needs text"),
+        ("panoptic", {"classes": []}, "non-empty list"),
+        ("panoptic", {}, "needs classes"),
+        ("instance", {"classes": ["cup", ""]}, r"classes\[1\]"),
+        ("instance", {"classes": ["cup", "cup"]}, "duplicates"),
+        ("semantic", {"classes": ["cup", "background"]}, "background"),
+        ("panoptic", {"classes": ["cup"], "is_thing": [True, False]}, "is_thing"),
+        ("referring", {"classes": ["cup"]}, "do not apply"),
+        ("interactive", {}, "at least one visual prompt"),
+        ("interactive", {"points": [(600, 10)]}, "outside the 600x400"),
+        ("interactive", {"masks": [np.zeros((400, 600), bool)]}, "no foreground"),
+        ("interactive", {"masks": [np.ones((300, 600), bool)]}, "original image size"),
+        ("interactive", {"boxes": [(700, 500, 800, 600)]}, "does not overlap"),
+        ("instruction", {"question": ""}, "non-empty"),
+        ("panoptics", {"classes": ["cup"]}, "unknown task"),
+        ("caption", {}, "not supported by the predictor"),
+    ],
+)
+def test_bad_prompts_raise_value_error(predictor, task, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predictor(COFFEE, task=task, **kwargs)
+
+
+def test_bad_images_and_batches_raise(predictor, tmp_path):
+    bogus = tmp_path / "model.pth.jpg"
+    bogus.write_bytes(b"\x00\x01 not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        predictor(str(bogus), task="referring", text="x")
+    with pytest.raises(FileNotFoundError):
+        predictor(tmp_path / "nope.png", task="referring", text="x")
+    with pytest.raises(ValueError, match="one prompt dict per image|give one per image"):
+        predictor.predict_batch([COFFEE, COFFEE], prompts=[{"task": "referring", "text": "x"}])
+    with pytest.raises(ValueError, match="list of images"):
+        predictor.predict_batch(COFFEE, task="referring", text="x")
+    with pytest.raises(ValueError, match="empty"):
+        predictor.predict_batch([], task="referring", text="x")
+
+
+def test_device_and_dtype_resolution():
+    from psalm.predictor import resolve_device, resolve_inference_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_inference_dtype("auto", cpu) is None and resolve_inference_dtype("fp32", cpu) is None
+    assert resolve_inference_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_inference_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="TEST.PSALM.DTYPE"):
+        resolve_inference_dtype("float8", cpu)
+    with pytest.raises(ValueError, match="not a valid torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    else:
+        assert resolve_inference_dtype("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
+
+
+def test_weights_load_and_bf16_autocast_on_cpu(predictor, psalm_cache, tmp_path):
+    """MODEL.WEIGHTS goes through DetectionCheckpointer; the autocast path (GPU default) runs on CPU too."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from psalm.predictor import PSALMPredictor
+
+    DetectionCheckpointer(predictor.model, save_dir=str(tmp_path)).save("tiny")
+    torch.manual_seed(123)  # a different random init, overwritten by the checkpoint
+    loaded = PSALMPredictor(_tiny_cfg(psalm_cache, "MODEL.WEIGHTS", str(tmp_path / "tiny.pth"), "TEST.PSALM.DTYPE", "bf16"))
+    assert loaded.autocast_dtype == torch.bfloat16
+    for name, tensor in predictor.model.state_dict().items():
+        assert torch.equal(tensor, loaded.model.state_dict()[name]), name
+    ref = predictor(COFFEE, task="referring", text="the cup")["instances"]
+    out = loaded(COFFEE, task="referring", text="the cup")["instances"]
+    assert out.scores.dtype == torch.float32
+    torch.testing.assert_close(out.scores, ref.scores, atol=0.05, rtol=0)  # bf16 vs fp32 on the same weights
+
+
+def test_video_propagation(predictor):
+    frames = [COFFEE[i * 8 : i * 8 + 300, i * 10 : i * 10 + 400] for i in range(3)]
+    first = np.zeros((2, 300, 400), bool)
+    first[0, 50:150, 100:250] = True
+    first[1, 200:280, 20:120] = True
+    results = list(predictor.predict_video(frames, first))
+    assert len(results) == 3
+    np.testing.assert_array_equal(results[0]["masks"], first)
+    for r in results:
+        assert r["masks"].shape == (2, 300, 400) and r["label_map"].shape == (300, 400)
+        assert set(np.unique(r["label_map"]).tolist()) <= {0, 1, 2}
+        assert not (r["masks"][0] & r["masks"][1]).any()  # painted: non-overlapping
+        assert r["scores"].shape == (2,)
+    with pytest.raises(ValueError, match="empty"):
+        next(predictor.predict_video(frames, np.zeros((1, 300, 400), bool)))
+    with pytest.raises(ValueError, match="all frames must have the size"):
+        list(predictor.predict_video([frames[0], COFFEE], first))

@@ -269,8 +269,9 @@ def hf_phi_to_psalm(
         sd, config: from :func:`read_hf_phi_dir`.
         num_base_tokens: rows kept from the checkpoint (the base tokenizer's length, 50295 for
             phi-1_5); required when ``target_vocab_size`` differs from the checkpoint's rows.
-        target_vocab_size: rows of our embedding / ``lm_head`` (PSALM: 50297); ``None`` keeps the
-            checkpoint's.
+        target_vocab_size: rows of our embedding / ``lm_head`` (PSALM: 50297). ``None``, or the
+            checkpoint's own row count (e.g. an LLM already trained with PSALM's vocabulary),
+            keeps the rows as they are: nothing is re-initialised.
         mean_init_ids: new rows initialised to the mean of the base rows (``[PAD]``).
         seed: seed of the N(0, initializer_range) draw for the other new rows (``[SEG]``).
         dst_prefix: prefix of the returned keys.
@@ -288,13 +289,13 @@ def hf_phi_to_psalm(
         raise ValueError(f"config.json model_type is {config.get('model_type')!r}, expected 'phi'")
     conv = official_llm_to_psalm(sd, int(config["num_attention_heads"]), dst_prefix=dst_prefix)
     rows = conv.state_dict[dst_prefix + "model.embed_tokens.weight"].shape[0]
-    if (target_vocab_size is not None and target_vocab_size != rows) or mean_init_ids:
+    if target_vocab_size is not None and target_vocab_size != rows:
         if num_base_tokens is None:
             raise ValueError(
                 f"the checkpoint has {rows} vocabulary rows and {target_vocab_size} are wanted: pass "
                 "num_base_tokens (the base tokenizer's length) so the resize knows which rows are real"
             )
-        target = rows if target_vocab_size is None else target_vocab_size
+        target = target_vocab_size
         init_std = float(config.get("initializer_range", 0.02))
         for key in ("model.embed_tokens.weight", "lm_head.weight"):
             gen = torch.Generator().manual_seed(seed + (0 if key.startswith("model.") else 1))

@@ -189,6 +189,8 @@ class RegionPooler(nn.Module):
                 raise ValueError(f"region mask(s) {empty} of sample {b} have no pixels; drop empty visual prompts")
         if points is not None and self.mode != "sample_points":
             raise ValueError("injected points are only used by the 'sample_points' mode")
+        if sum(m.shape[0] for m in region_masks) == 0:
+            return [image_tokens.new_zeros(0, C) for _ in range(B)]
         if self.mode == "mask_average":
             return [self._mask_average(fmap[b], m) for b, m in enumerate(region_masks)]
         if points is None:
@@ -222,7 +224,7 @@ class RegionPooler(nn.Module):
             else:
                 idx = torch.cat([torch.arange(n), torch.randint(0, n, (P - n,), generator=gen)])
             out.append(part[idx.to(part.device)])
-        return torch.stack(out)
+        return torch.stack(out) if out else rc.new_zeros(0, P, 2)
 
     def _mask_average(self, fmap: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """fmap [C, h, w], masks [R, H, W] -> [R, C], exact mask average of the interpolated map."""

@@ -17,7 +17,8 @@ Vocabulary rules: the embedding has ``MODEL.PSALM.LLM.VOCAB_SIZE`` rows, which m
 ``len(tokenizer)``. Loading phi-1_5 (51200 rows, 50295 real tokens) keeps the real rows, sets the
 ``[PAD]`` row to their mean (official ``smart_tokenizer_and_embedding_resize``) and draws the
 ``[SEG]`` row (and any spare rows) from N(0, 0.02) (:func:`tokenizer_vocab_plan`,
-:func:`psalm.checkpoint.phi_keys.resize_vocab_rows`).
+:func:`psalm.checkpoint.phi_keys.resize_vocab_rows`). A checkpoint that already has ``VOCAB_SIZE``
+rows (an LLM trained with PSALM's vocabulary) is loaded as it is.
 """
 
 from __future__ import annotations
@@ -267,7 +268,10 @@ def build_llm(cfg, tokenizer=None, device: str | torch.device | None = None, ini
     if hf_sd is not None:
         if tokenizer is None:
             tokenizer = build_tokenizer(cfg)
-        base, mean_ids = tokenizer_vocab_plan(tokenizer, cfg.MODEL.PSALM.PAD_TOKEN, cfg.MODEL.PSALM.SEG_TOKEN)
+        base, mean_ids = None, ()
+        rows = next((v.shape[0] for k, v in hf_sd.items() if k == "model.embed_tokens.weight"), None)
+        if rows != config.vocab_size:  # a base checkpoint (phi-1_5: 51200 rows): PSALM's resize
+            base, mean_ids = tokenizer_vocab_plan(tokenizer, cfg.MODEL.PSALM.PAD_TOKEN, cfg.MODEL.PSALM.SEG_TOKEN)
         conv = hf_phi_to_psalm(
             hf_sd, hf_config, num_base_tokens=base, target_vocab_size=config.vocab_size, mean_init_ids=mean_ids
         )

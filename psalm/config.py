@@ -237,6 +237,15 @@ def _add_test_config(cfg):
     # Inference precision (PSALMPredictor, tools/benchmark.py): "auto" = bf16 autocast on CUDA, fp32 on
     # CPU; "fp32"; "bf16" (autocast, CUDA or CPU); "fp16" (autocast, CUDA only).
     cfg.TEST.PSALM.DTYPE = "auto"
+    # video object segmentation by propagation (psalm.inference.video, the official DAVIS protocol)
+    cfg.TEST.PSALM.VIDEO = CN()
+    # per object: the first of its TOP_K best queries not taken by an earlier object
+    cfg.TEST.PSALM.VIDEO.TOP_K = 10
+    # the memory (frame encoding + predicted masks) moves on only if no two masks have a larger IoU
+    cfg.TEST.PSALM.VIDEO.MEMORY_IOU_THRESHOLD = 0.4
+    # compat only: reset the prompts from frame-0 GT when the CURRENT frame's GT object count differs
+    # from the memory (the official evaluation; reads ground truth of later frames)
+    cfg.TEST.PSALM.VIDEO.OFFICIAL_GT_RESET = False
 
 
 def add_psalm_config(cfg):

@@ -1,10 +1,15 @@
 """``PSALMPredictor``: one call from a user image and a prompt to detectron2-standard outputs.
 
 In the style of detectron2's ``DefaultPredictor``: it builds the model from a config, loads
-``MODEL.WEIGHTS`` with ``DetectionCheckpointer``, puts it in eval mode on ``MODEL.DEVICE`` and runs
-inference with the precision ``TEST.PSALM.DTYPE`` ("auto": bf16 autocast on CUDA, fp32 on CPU).
+``MODEL.WEIGHTS`` with a ``DetectionCheckpointer`` (the project's subclass
+:class:`~psalm.engine.checkpoint.PSALMCheckpointer`; missing or mis-shaped keys are an error; an
+empty ``MODEL.WEIGHTS`` keeps the random initialisation with a warning), puts it in eval mode on
+``MODEL.DEVICE`` and runs inference with the precision ``TEST.PSALM.DTYPE`` ("auto": bf16
+autocast on CUDA, fp32 on CPU).
 Images go through the ONE preprocessing pipeline (:func:`psalm.data.mapper.preprocess_image`);
 visual prompts through the data set rasteriser (:mod:`psalm.utils.prompts`).
+
+Outputs are the model's result dicts with tensors on ``MODEL.DEVICE`` (as detectron2's predictor).
 
 Usage::
 
@@ -194,8 +199,6 @@ class PSALMPredictor:
     """
 
     def __init__(self, cfg):
-        from detectron2.checkpoint import DetectionCheckpointer
-
         from psalm.modeling.meta_arch import build_psalm_model
 
         self.cfg = cfg.clone()
@@ -213,7 +216,7 @@ class PSALMPredictor:
         self.model = build_psalm_model(self.cfg, device=self.device)
         self.model.eval()
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            self._load_weights(cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation (outputs are meaningless)")
         logger.info(
@@ -281,13 +284,17 @@ class PSALMPredictor:
         inputs = []
         for p in prompts:
             p = dict(p)
-            inputs.append(self.make_input(rgb, p.pop("task", None), _preprocessed=(image_t, padding_mask, new_hw), **p))
+            inputs.append(self.make_input(rgb, p.pop("task", None), preprocessed=(image_t, padding_mask, new_hw), **p))
         features = self.encode_images(inputs[:1])
         # the model splits a mixed batch into one forward per task (and class count)
         return self.run(inputs, image_features=None if features is None else _expand_batch(features, len(inputs)))
 
-    def make_input(self, image_rgb: np.ndarray, task: Optional[str] = None, _preprocessed=None, **prompt) -> Dict:
-        """One model input dict (``docs/DESIGN.md``, "Model input") from a uint8 RGB image and a prompt."""
+    def make_input(self, image_rgb: np.ndarray, task: Optional[str] = None, preprocessed=None, **prompt) -> Dict:
+        """One model input dict (``docs/DESIGN.md``, "Model input") from a uint8 RGB image and a prompt.
+
+        ``preprocessed``: the :func:`~psalm.data.mapper.preprocess_image` result of this image, to reuse.
+        Raises ``ValueError`` for a prompt that does not fit the task (see the module docstring).
+        """
         task = check_task(task or self.default_task)
         if task not in _TASK_KEYWORDS:
             raise ValueError(f"task {task!r} is not supported by the predictor; use one of {sorted(_TASK_KEYWORDS)}")
@@ -297,7 +304,7 @@ class PSALMPredictor:
                 f"prompt keyword(s) {unknown} do not apply to task {task!r}; it takes {list(_TASK_KEYWORDS[task])}"
             )
         height, width = image_rgb.shape[:2]
-        image_t, padding_mask, new_hw = _preprocessed or preprocess_image(image_rgb, self.image_size, self.pad_value)
+        image_t, padding_mask, new_hw = preprocessed or preprocess_image(image_rgb, self.image_size, self.pad_value)
         inp = {"image": image_t, "padding_mask": padding_mask, "height": height, "width": width, "task": task}
         if task in CATEGORY_TASKS:
             if prompt.get("classes") is None:
@@ -345,6 +352,30 @@ class PSALMPredictor:
             return self.model(list(inputs), **kwargs)
 
     # ------------------------------------------------------------------ helpers
+    def _load_weights(self, path: str) -> None:
+        """Load ``MODEL.WEIGHTS`` with the project's ``DetectionCheckpointer`` (``PSALMCheckpointer``:
+        ``weights_only`` torch files, safetensors, detectron2 .pkl); a checkpoint that leaves model
+        parameters missing or mis-shaped is an error, not a silently half-random model."""
+        from psalm.engine.checkpoint import PSALMCheckpointer
+
+        class _Recording(PSALMCheckpointer):
+            incompatible = None
+
+            def _load_model(self, checkpoint):
+                self.incompatible = super()._load_model(checkpoint)
+                return self.incompatible
+
+        checkpointer = _Recording(self.model)
+        checkpointer.load(path)
+        inc = checkpointer.incompatible
+        bad = list(inc.missing_keys) + [k for k, *_ in inc.incorrect_shapes] if inc is not None else []
+        if bad:
+            raise ValueError(
+                f"MODEL.WEIGHTS={path!r} leaves {len(bad)} model tensor(s) missing or mis-shaped, e.g. {bad[:5]}; "
+                "convert the checkpoint first (tools/convert_official.py) or check that the config matches it"
+            )
+        self.model.eval()
+
     def _resize_regions(self, masks: np.ndarray, new_hw) -> torch.Tensor:
         """[R, H, W] bool at the original size -> [R, S, S]; a region too small to survive the
         nearest-neighbour resize keeps the one resized pixel containing its centre of mass."""

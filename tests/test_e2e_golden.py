@@ -6,6 +6,7 @@ fp64 on the bundle's three samples (referring, panoptic, interactive with the re
 points). Every stage is compared with the README tolerances: ids / masks / classes exact,
 float64-stored tensors <= 1e-6, float32-stored maps <= 1e-6, post-processed masks exact.
 """
+
 import json
 
 import pytest
@@ -54,20 +55,36 @@ def write_release(directory, sd, tokenizer_dir, extra_config=None):
 
     directory.mkdir(parents=True, exist_ok=True)
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, ks in shards.items():
         save_file({k: sd[k].contiguous() for k in ks}, str(directory / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in ks})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {
-        "model_type": "llava_phi", "architectures": ["PSALM"], "vocab_size": 387, "hidden_size": 64,
-        "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-        "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "qk_layernorm": False,
-        "mm_projector_type": "swin_conv", "mm_input_embeds": 64, "projector_outdim": 64, "projector_mid_dim": 32,
-        "mm_vision_tower": "tiny_swin_for_golden", "torch_dtype": "float32",
+        "model_type": "llava_phi",
+        "architectures": ["PSALM"],
+        "vocab_size": 387,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "hidden_act": "gelu_new",
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "qk_layernorm": False,
+        "mm_projector_type": "swin_conv",
+        "mm_input_embeds": 64,
+        "projector_outdim": 64,
+        "projector_mid_dim": 32,
+        "mm_vision_tower": "tiny_swin_for_golden",
+        "torch_dtype": "float32",
     }
     config.update(extra_config or {})
     (directory / "config.json").write_text(json.dumps(config))
@@ -83,7 +100,7 @@ def converted(bundle, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("official")
     release = write_release(root / "release", bundle["sd"], bundle["dir"] / "tokenizer")
-    # start from the full-size config: every dimension the release determines must come from it
+    # the release sets the LLM / projector / query dimensions; the tiny vision dims come from the config
     cfg = get_psalm_cfg("configs/tiny/psalm_golden.yaml")
     return convert_official_release(release, root / "converted", cfg)
 
@@ -102,8 +119,13 @@ def model(converted):
 
 
 def make_input(t, manifest, task):
-    inp = {"image": t["image.mapper_u8_chw"], "padding_mask": t["image.padding_mask"],
-           "height": 96, "width": 128, "task": TASK_OF[task]}
+    inp = {
+        "image": t["image.mapper_u8_chw"],
+        "padding_mask": t["image.padding_mask"],
+        "height": 96,
+        "width": 128,
+        "task": TASK_OF[task],
+    }
     if task == "referring":
         inp["sentences"] = ["the person in red on the left", "red figure"]
     elif task == "panoptic":
@@ -228,9 +250,11 @@ def test_hidden_states_and_conditions(runs, bundle, task):
 
 
 # --------------------------------------------------------------------------------------- decoder
-_HEAD = {"referring": ("pred_refer_logits", "pred_SEG_logits"),
-         "panoptic": ("pred_class_logits", "pred_class_name_logits"),
-         "region": ("pred_region_logits", "pred_region_logits")}
+_HEAD = {
+    "referring": ("pred_refer_logits", "pred_SEG_logits"),
+    "panoptic": ("pred_class_logits", "pred_class_name_logits"),
+    "region": ("pred_region_logits", "pred_region_logits"),
+}
 
 
 @pytest.mark.parametrize("task", list(TASK_OF))
@@ -252,8 +276,13 @@ def _same_set(masks, scores, classes, ref_masks, ref_scores, ref_classes):
     assert masks.shape == ref_masks.shape
     unused = list(range(len(ref_scores)))
     for i in range(len(scores)):
-        hit = [j for j in unused if torch.equal(masks[i], ref_masks[j]) and abs(float(scores[i] - ref_scores[j])) <= TOL
-               and (classes is None or int(classes[i]) == int(ref_classes[j]))]
+        hit = [
+            j
+            for j in unused
+            if torch.equal(masks[i], ref_masks[j])
+            and abs(float(scores[i] - ref_scores[j])) <= TOL
+            and (classes is None or int(classes[i]) == int(ref_classes[j]))
+        ]
         assert hit, f"prediction {i} has no match"
         unused.remove(hit[0])
 
@@ -265,7 +294,9 @@ def test_post_referring(runs, bundle):
     fwd, post = runs["referring"]["fwd"], runs["referring"]["post"]["instances"]
     masks = resize_mask_logits(fwd.outputs["pred_masks"][0], (S, S), (192, S), (96, 128))
     scores = referring_scores(fwd.outputs["pred_refer_logits"][0], masks)
-    _same_set(masks > 0, scores, None, t["referring.post.instances.pred_masks"], t["referring.post.instances.scores"], None)
+    _same_set(
+        masks > 0, scores, None, t["referring.post.instances.pred_masks"], t["referring.post.instances.scores"], None
+    )
     j = int(t["referring.answer.top1_query"][0])  # index into the official (topk-permuted) list
     _exact(post.pred_masks[0], t["referring.post.instances.pred_masks"][j], "top-1 mask")
 
@@ -278,8 +309,14 @@ def test_post_panoptic(runs, bundle):
     assert info == m["tasks"]["panoptic"]["segments_info"]
     _close(post["sem_seg"], t["panoptic.post.sem_seg"], what="sem_seg")
     inst = post["instances"]
-    _same_set(inst.pred_masks, inst.scores, inst.pred_classes, t["panoptic.post.instances.pred_masks"],
-              t["panoptic.post.instances.scores"], t["panoptic.post.instances.pred_classes"])
+    _same_set(
+        inst.pred_masks,
+        inst.scores,
+        inst.pred_classes,
+        t["panoptic.post.instances.pred_masks"],
+        t["panoptic.post.instances.scores"],
+        t["panoptic.post.instances.pred_classes"],
+    )
 
 
 def test_post_interactive(runs, bundle):
@@ -300,3 +337,31 @@ def test_full_inference_call_matches(model, runs, bundle):
     _exact(pan, t["panoptic.post.panoptic_seg"], "panoptic_seg via forward")
     _exact(outs[2]["instances"].pred_query_ids, t["region.answer.top1_query"], "region via forward")
     _exact(outs[0]["instances"].pred_masks, runs["referring"]["post"]["instances"].pred_masks, "referring via forward")
+
+
+def test_convert_official_cli(bundle, tmp_path):
+    """tools/convert_official.py writes a checkpoint that loads strictly into a model built from its config."""
+    import importlib.util
+
+    from psalm.checkpoint import load_strict
+    from psalm.config import get_psalm_cfg
+    from psalm.modeling.meta_arch import build_psalm_model
+
+    spec = importlib.util.spec_from_file_location("convert_official", "tools/convert_official.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    release = write_release(tmp_path / "release", bundle["sd"], bundle["dir"] / "tokenizer")
+    out = tmp_path / "out"
+    argv = ["--release", str(release), "--output", str(out), "--config-file", "configs/tiny/Base-PSALM-tiny.yaml"]
+    # wrong LLM / projector / query values in the config: the release's config.json and weights override them
+    wrong = ["MODEL.PSALM.LLM.VOCAB_SIZE", "50297", "MODEL.PSALM.LLM.NUM_HIDDEN_LAYERS", "24",
+             "MODEL.PSALM.PROJECTOR.MID_DIM", "2048", "MODEL.PSALM.NUM_MASK_TOKENS", "100",
+             "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "100"]
+    assert tool.main(argv + wrong) == 0
+    cfg = get_psalm_cfg(str(out / "config.yaml"))
+    assert (cfg.MODEL.PSALM.LLM.VOCAB_SIZE, cfg.MODEL.PSALM.LLM.NUM_HIDDEN_LAYERS) == (387, 2)
+    assert (cfg.MODEL.PSALM.PROJECTOR.MID_DIM, cfg.MODEL.PSALM.NUM_MASK_TOKENS) == (32, 10)
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 10
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert load_strict(build_psalm_model(cfg, device="cpu"), state).ok
+    assert json.loads((out / "conversion_report.json").read_text())["num_keys"] == len(state)

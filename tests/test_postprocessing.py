@@ -1,4 +1,5 @@
 """Post-processing: the official crafted case, the golden e2e post-processed results, batching, gres."""
+
 import json
 
 import pytest
@@ -68,8 +69,11 @@ def test_crafted_instance_referring_region(golden):
     inst = instance_inference(cls, masks, topk=10, is_thing=IS_THING)
     assert inst.pred_masks.dtype == torch.bool and len(inst) == 7
     _assert_same_instance_set(
-        inst.pred_masks, inst.scores, inst.pred_classes,
-        t["postproc.out.instance.pred_masks"], t["postproc.out.instance.scores"],
+        inst.pred_masks,
+        inst.scores,
+        inst.pred_classes,
+        t["postproc.out.instance.pred_masks"],
+        t["postproc.out.instance.scores"],
         t["postproc.out.instance.pred_classes"],
     )
     # referring: all Q queries (topk(Q) of Q) as a set, then our top-1
@@ -95,14 +99,20 @@ def _e2e_input(t, task, **extra):
 def test_e2e_resize_and_referring(golden):
     t, _ = golden
     masks = resize_mask_logits(
-        t["referring.out.final.pred_masks"][0].double(), (256, 256), valid_size_from_padding_mask(t["image.padding_mask"]), (96, 128)
+        t["referring.out.final.pred_masks"][0].double(),
+        (256, 256),
+        valid_size_from_padding_mask(t["image.padding_mask"]),
+        (96, 128),
     )
     scores = referring_scores(t["referring.out.final.pred_SEG_logits"][0], masks)
     _assert_same_instance_set(
         masks > 0, scores, None, t["referring.post.instances.pred_masks"], t["referring.post.instances.scores"], None
     )
     out = PSALMPostProcessor()(
-        {"pred_masks": t["referring.out.final.pred_masks"].double(), "pred_refer_logits": t["referring.out.final.pred_SEG_logits"]},
+        {
+            "pred_masks": t["referring.out.final.pred_masks"].double(),
+            "pred_refer_logits": t["referring.out.final.pred_SEG_logits"],
+        },
         [_e2e_input(t, "referring")],
     )[0]["instances"]
     assert out.pred_masks.shape == (1, 96, 128)
@@ -117,7 +127,10 @@ def test_e2e_resize_and_referring(golden):
 def test_e2e_panoptic(golden):
     t, m = golden
     out = PSALMPostProcessor(detections_per_image=10)(
-        {"pred_masks": t["panoptic.out.final.pred_masks"].double(), "pred_class_logits": t["panoptic.out.final.pred_class_name_logits"]},
+        {
+            "pred_masks": t["panoptic.out.final.pred_masks"].double(),
+            "pred_class_logits": t["panoptic.out.final.pred_class_name_logits"],
+        },
         [_e2e_input(t, "panoptic", is_thing=IS_THING)],
     )[0]
     pan, info = out["panoptic_seg"]
@@ -126,8 +139,12 @@ def test_e2e_panoptic(golden):
     torch.testing.assert_close(out["sem_seg"], t["panoptic.post.sem_seg"], atol=1e-6, rtol=0)
     inst = out["instances"]
     _assert_same_instance_set(
-        inst.pred_masks, inst.scores, inst.pred_classes,
-        t["panoptic.post.instances.pred_masks"], t["panoptic.post.instances.scores"], t["panoptic.post.instances.pred_classes"],
+        inst.pred_masks,
+        inst.scores,
+        inst.pred_classes,
+        t["panoptic.post.instances.pred_masks"],
+        t["panoptic.post.instances.scores"],
+        t["panoptic.post.instances.pred_classes"],
     )
 
 
@@ -161,7 +178,7 @@ def _random_batch(b, q=6, k=3, s=64, r=(2, 3), seed=0):
     inputs = []
     for i in range(b):
         pm = torch.zeros(s, s, dtype=torch.bool)
-        pm[s - 8 * (i + 1):] = True  # different valid heights per image
+        pm[s - 8 * (i + 1) :] = True  # different valid heights per image
         inputs.append({"padding_mask": pm, "height": 20 + 5 * i, "width": 33, "is_thing": IS_THING})
     return outputs, inputs
 
@@ -175,7 +192,9 @@ def test_batch_of_two_equals_two_single_calls(task):
     outputs, inputs = _random_batch(2)
     for d in inputs:
         d["task"] = task
-    post = PSALMPostProcessor(object_mask_threshold=0.3, overlap_threshold=0.5, detections_per_image=10, gres_score_threshold=0.4)
+    post = PSALMPostProcessor(
+        object_mask_threshold=0.3, overlap_threshold=0.5, detections_per_image=10, gres_score_threshold=0.4
+    )
     batched = post(outputs, inputs)
     for i in range(2):
         single = post(_slice(outputs, i), inputs[i : i + 1])[0]

@@ -6,7 +6,6 @@ output structure, shapes at the ORIGINAL image size, dtypes, score ranges, consi
 paths (single vs batch vs shared image features), and that every bad input raises the documented
 error.
 """
-import logging
 
 import numpy as np
 import pytest
@@ -171,7 +170,8 @@ def psalm_cache(tmp_path_factory):
 def _tiny_cfg(cache, *opts):
     from psalm.predictor import ensure_tokenizer
 
-    return ensure_tokenizer(get_psalm_cfg(TINY, ["MODEL.DEVICE", "cpu", *opts]), cache_dir=cache)
+    opts = ["MODEL.DEVICE", "cpu", "TEST.PSALM.MAX_NEW_TOKENS", "8", *opts]  # short chat answers: fast tests
+    return ensure_tokenizer(get_psalm_cfg(TINY, opts), cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_image_kinds_give_the_same_result(predictor, tmp_path):
     path = tmp_path / "cat.png"
     Image.fromarray(rgb).save(path)
     rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=2)
-    variants = [rgb, str(path), path, Image.fromarray(rgb), rgba, rgb.astype(np.uint16) * 257]
+    variants = [rgb, str(path), Image.fromarray(rgb), rgba, rgb.astype(np.uint16) * 257]
     scores = [predictor(v, task="referring", text="the cat")["instances"].scores for v in variants]
     for s in scores[1:]:
         torch.testing.assert_close(s, scores[0])
@@ -389,3 +389,12 @@ def test_video_propagation(predictor):
         next(predictor.predict_video(frames, np.zeros((1, 300, 400), bool)))
     with pytest.raises(ValueError, match="all frames must have the size"):
         list(predictor.predict_video([frames[0], COFFEE], first))
+
+
+def test_incomplete_checkpoint_is_an_error(predictor, psalm_cache, tmp_path):
+    sd = {k: v for k, v in predictor.model.state_dict().items() if not k.startswith("predictor.")}
+    torch.save({"model": sd}, tmp_path / "partial.pth")
+    from psalm.predictor import PSALMPredictor
+
+    with pytest.raises(ValueError, match="missing or mis-shaped"):
+        PSALMPredictor(_tiny_cfg(psalm_cache, "MODEL.WEIGHTS", str(tmp_path / "partial.pth")))

@@ -235,7 +235,7 @@ def _two_rank_job(out_dir, modes):
 
 
 def _check_two_processes(tmp_path, modes):
-    launch(_two_rank_job, 2, args=(str(tmp_path), modes), cpu_start_method="fork")
+    launch(_two_rank_job, 2, args=(str(tmp_path), modes))
     seed_all_rng(0)
     ref = _train(standin_cfg(tmp_path / "single", arch="EngineStandInNoDropout", MAX_ITER=3, CHECKPOINT_PERIOD=0))
     ref_params = dict(ref.model.named_parameters())
@@ -251,8 +251,11 @@ def _check_two_processes(tmp_path, modes):
         assert set(r0["full"]) == set(ref.model.state_dict()) and r1["full"] == {}
 
 
+@pytest.mark.slow
 def test_two_processes_gloo_ddp(tmp_path):
-    """2 CPU processes (gloo), DDP: weights and gradients agree across ranks and equal a 1-process run."""
+    """2 CPU processes (gloo), DDP: weights and gradients agree across ranks and equal a 1-process run.
+
+    Slow only because each spawned process imports torch + detectron2 (~5 s)."""
     _check_two_processes(tmp_path, ("ddp",))
 
 

@@ -10,6 +10,7 @@ Writes ``<output>/model_final.pth`` (``{"model": state_dict}``, loadable with de
 the converted weights do not match the model described by the config: the error lists every
 missing, unexpected and mis-shaped key.
 """
+
 import argparse
 import logging
 import sys
@@ -22,7 +23,9 @@ DEFAULT_CONFIG = "configs/coco/psalm_swin_base_phi15.yaml"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--release", required=True, help="official release directory (config.json, safetensors, tokenizer)")
+    parser.add_argument(
+        "--release", required=True, help="official release directory (config.json, safetensors, tokenizer)"
+    )
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help=f"psalm config (default {DEFAULT_CONFIG})")
     parser.add_argument("--checkpoint-name", default="model_final.pth")

@@ -4,18 +4,18 @@ The release (``EnmingZhang/PSALM``) is a transformers directory: ``config.json``
 ``llava_phi``: a ``PhiConfig`` plus LLaVA/PSALM fields), ``model.safetensors`` or safetensors shards
 with ``model.safetensors.index.json``, and the tokenizer files (phi-1_5 + ``[PAD]`` + ``[SEG]``).
 
-:func:`official_to_psalm` composes the per-module key conversions, each owned next to its module:
+:func:`official_to_psalm` composes the per-module key conversions, each owned next to its module
+(official prefix -> ours, converter):
 
-============================================  ================================================  =====================
-official prefix                               ours                                              converter
-============================================  ================================================  =====================
-``model.vision_tower.*``                      ``backbone.*``                                    ``vision_keys.official_backbone_to_psalm``
-``model.mm_projector.*``                      ``projector.*``                                   ``vision_keys.official_projector_to_psalm``
-``pixel_decoder.*``                           ``pixel_decoder.*``                               ``vision_keys.official_pixel_decoder_to_psalm``
-``predictor.*``                               ``predictor.*``                                   ``vision_keys.official_predictor_to_psalm``
-``model.{embed_tokens,layers,final_layernorm}``, ``lm_head``  ``llm.*`` (fused qkv split)           ``phi_keys.official_llm_to_psalm``
-``seg_query``, the four condition projectors  ``mask_tokens``, ``*_projector``                  ``phi_keys.official_language_heads_to_psalm``
-============================================  ================================================  =====================
+* ``model.vision_tower.*`` -> ``backbone.*`` (``vision_keys.official_backbone_to_psalm``);
+* ``model.mm_projector.*`` -> ``projector.*`` (``vision_keys.official_projector_to_psalm``);
+* ``pixel_decoder.*`` -> ``pixel_decoder.*`` (``vision_keys.official_pixel_decoder_to_psalm``);
+* ``predictor.*`` -> ``predictor.*`` (``vision_keys.official_predictor_to_psalm``);
+* ``model.{embed_tokens,layers,final_layernorm}.*``, ``lm_head.*`` -> ``llm.*``, fused
+  ``query_key_value`` split into q/k/v (``phi_keys.official_llm_to_psalm``);
+* ``seg_query`` and the four condition projectors -> ``mask_tokens``, ``mask_token_projector``,
+  ``class_projector``, ``refer_projector``, ``region_projector``
+  (``phi_keys.official_language_heads_to_psalm``).
 
 Dropped by name, with the reason logged: the Swin ``relative_position_index`` buffers (checked equal
 to the standard index, recomputed by our Swin), ``predictor.query_feat`` / ``predictor.SEG_query_embed``
@@ -24,6 +24,7 @@ under its own name, so that the strict check reports it as unexpected. :func:`co
 then compares the result with a PSALM built from the config on the ``meta`` device and refuses to
 write anything unless every key and shape matches (full report otherwise).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,7 +122,9 @@ def official_to_psalm(sd: Mapping[str, torch.Tensor], num_attention_heads: int) 
             logger.warning("official state dict has no %s* keys", prefix)
     llm = official_llm_to_psalm(sd, num_attention_heads, dst_prefix="llm.")
     result = result.merge(llm)
-    claimed.update(k for k in sd if k.startswith(("model.embed_tokens.", "model.layers.", "model.final_layernorm.", "lm_head.")))
+    claimed.update(
+        k for k in sd if k.startswith(("model.embed_tokens.", "model.layers.", "model.final_layernorm.", "lm_head."))
+    )
     heads = official_language_heads_to_psalm(sd)
     result = result.merge(heads)
     heads_src = set(OFFICIAL_LANGUAGE_HEADS.values())
@@ -260,8 +263,12 @@ def convert_official_release(
     cfg_file.write_text(cfg.dump())
     (output_dir / "conversion_report.json").write_text(
         json.dumps(
-            {"release": str(release_dir), "num_keys": len(state), "dropped": conv.dropped,
-             "allowed_missing": conv.allowed_missing},
+            {
+                "release": str(release_dir),
+                "num_keys": len(state),
+                "dropped": conv.dropped,
+                "allowed_missing": conv.allowed_missing,
+            },
             indent=1,
         )
     )

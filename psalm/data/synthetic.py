@@ -9,8 +9,8 @@ Nothing is downloaded. ``prepare_synthetic(root)`` writes, once, for each split:
     <root>/<split>/instances.json           COCO instance JSON (RLE masks), things only
     <root>/<split>/referring.json           COCO-style images/annotations + ``refs`` (one target each)
     <root>/<split>/gres.json                same format; multi-target ("all ...") and no-target refs
-    <root>/<split>/interactive.json         per image: annotations with ``visual_prompts`` (4 kinds)
-    <root>/<split>/caption.json             LLaVA-pretrain format captions (stage-1 alignment)
+    <root>/<split>/interactive.json         COCO instance JSON whose annotations carry ``visual_prompts``
+    <root>/<split>/caption.json             LLaVA-format caption samples (stage-1 alignment)
     <root>/<split>/scenes.json              the scene description (object attributes, boxes)
     <root>/manifest.json                    generation parameters; a mismatch regenerates
 
@@ -50,6 +50,7 @@ __all__ = [
     "generate_scene",
     "prepare_synthetic",
     "split_dir",
+    "save_synthetic_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -259,10 +260,6 @@ def _refs(spec: SyntheticSpec, split: str, index: int, objects: list[dict], ann_
     size = spec.image_size
     referring, gres = [], []
 
-    def pick(exprs, k):
-        order = rng.permutation(len(exprs))[:k]
-        return [exprs[int(i)] for i in sorted(order)]
-
     def entry(exprs, targets):
         return {
             "image_id": index,
@@ -275,8 +272,15 @@ def _refs(spec: SyntheticSpec, split: str, index: int, objects: list[dict], ann_
         if len(referring) == spec.refs_per_image:
             break
         minimal = lang.minimal_expressions(objects, target, size)
-        if minimal:
-            referring.append(entry(pick(minimal, 2), [target]))
+        if not minimal:
+            continue
+        first = minimal[int(rng.integers(len(minimal)))]
+        # a second, richer sentence (as annotators often over-specify): attributes AND position
+        rich = [e for e in lang.unique_expressions(objects, target, size)
+                if e != first and e.target.num_attributes + (e.kind != "simple") >= 3]
+        others = rich or [e for e in minimal if e != first]
+        sentences = [first] + ([others[int(rng.integers(len(others)))]] if others else [])
+        referring.append(entry(sentences, [target]))
     if referring:  # one single-target expression in gres as well
         gres.append(dict(referring[0], sentences=referring[0]["sentences"][:1],
                          expressions=referring[0]["expressions"][:1]))
@@ -336,10 +340,12 @@ def _generate_split(spec: SyntheticSpec, split: str, out: str) -> None:
         referring += refs
         gres += grefs
         prompt_rng = _rng(spec, split, index, "prompts")
-        interactive.append({"image_id": index, "annotations": [
-            dict(a, visual_prompts=generate_visual_prompts(o["mask"], prompt_rng)) for a, o in zip(anns, objects)]})
-        captions.append({"id": f"{index:06d}", "image": f"images/{name}", "conversations": [
-            {"from": "human", "value": _CAPTION_PROMPT}, {"from": "gpt", "value": lang.caption(objects)}]})
+        interactive += [dict(a, visual_prompts=generate_visual_prompts(o["mask"], prompt_rng))
+                        for a, o in zip(anns, objects)]
+        captions.append({"id": index, "image": f"images/{name}", "height": spec.image_size,
+                         "width": spec.image_size, "conversations": [
+                             {"from": "human", "value": _CAPTION_PROMPT},
+                             {"from": "gpt", "value": lang.caption(objects)}]})
 
     thing_cats = [c for c in CATEGORIES if c["isthing"]]
     _write_json(os.path.join(out, "panoptic.json"),
@@ -353,8 +359,8 @@ def _generate_split(spec: SyntheticSpec, split: str, out: str) -> None:
         _write_json(os.path.join(out, f"{name}.json"),
                     {"images": images, "annotations": instances, "categories": thing_cats, "refs": refs})
     _write_json(os.path.join(out, "interactive.json"), {"images": images, "categories": thing_cats,
-                                                        "samples": interactive})
-    _write_json(os.path.join(out, "caption.json"), captions)
+                                                        "annotations": interactive})
+    _write_json(os.path.join(out, "caption.json"), {"samples": captions})
     _write_json(os.path.join(out, "scenes.json"), {"image_size": spec.image_size, "scenes": scenes})
 
 
@@ -410,5 +416,39 @@ def prepare_synthetic(root: str | None = None, spec: SyntheticSpec = SyntheticSp
     return root
 
 
+def synthetic_corpus() -> str:
+    """Text the synthetic tokenizer learns its merges from: PSALM's prompt wording plus every word
+    the synthetic data uses (class names, attributes, relations, caption wording)."""
+    from psalm.modeling.tokenizer import DEFAULT_CORPUS
+
+    words = list(CLASS_NAMES) + list(lang.COLORS) + list(lang.SIZES) + list(lang.RELATIONS) + list(lang.DIRECTIONS)
+    lines = [" ".join(words), " ".join(f"all {w}s" for w in THING_CLASSES), _CAPTION_PROMPT,
+             "in front of a wall, standing on a tiled floor.", "the small red triangle left of the circle."]
+    return DEFAULT_CORPUS + "\n".join(lines * 3) + "\n"
+
+
+SYNTHETIC_TOKENIZER_MERGES = 300
+
+
+def save_synthetic_tokenizer(directory: str) -> str:
+    """Write the tiny tokenizer of the synthetic data set (deterministic) to ``directory``.
+
+    Its vocabulary has ``256 + SYNTHETIC_TOKENIZER_MERGES + 3`` entries at most (fewer if the corpus
+    runs out of merges); ``MODEL.PSALM.LLM.VOCAB_SIZE`` must be at least that.
+    """
+    from psalm.modeling.tokenizer import save_tiny_tokenizer
+
+    return str(save_tiny_tokenizer(directory, num_merges=SYNTHETIC_TOKENIZER_MERGES, corpus=synthetic_corpus()))
+
+
 def _prepare_tokenizer(root: str) -> str:
-    raise NotImplementedError
+    path = os.path.join(root, "tokenizer")
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=root)
+        try:
+            save_synthetic_tokenizer(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+    return path

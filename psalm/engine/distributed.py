@@ -96,13 +96,8 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
 
 
 def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_rank: int = 0,
-           dist_url: str | None = None, args=(), timeout: timedelta = DEFAULT_TIMEOUT,
-           cpu_start_method: str = "spawn"):
-    """Run ``main_func(*args)`` in every process of the job (see the module docstring).
-
-    ``cpu_start_method``: how CPU worker processes start (``"spawn"``; ``"fork"`` skips re-importing
-    in the children, for tests).
-    """
+           dist_url: str | None = None, args=(), timeout: timedelta = DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` in every process of the job (see the module docstring)."""
     if launched_by_torchrun():
         init_from_torchrun_env(timeout)
         return main_func(*args)
@@ -126,7 +121,7 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
-        start_method=cpu_start_method,
+        start_method="spawn",
     )
 
 

@@ -20,6 +20,7 @@ at the original image size:
 
 "Mask score" is the mean sigmoid inside the binary mask (logit > 0), as in Mask2Former.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,9 +97,7 @@ def resize_mask_logits(
         [N, height, width] in ``promote_types(mask_logits.dtype, float32)``.
     """
     dtype = torch.promote_types(mask_logits.dtype, torch.float32)
-    x = F.interpolate(
-        mask_logits[None].to(dtype), size=tuple(input_size), mode="bilinear", align_corners=False
-    )[0]
+    x = F.interpolate(mask_logits[None].to(dtype), size=tuple(input_size), mode="bilinear", align_corners=False)[0]
     return sem_seg_postprocess(x, valid_size, int(output_size[0]), int(output_size[1]))
 
 
@@ -340,9 +339,7 @@ class PSALMPostProcessor:
             gres_score_threshold, gres_no_target: see :func:`gres_inference`.
         """
         if gres_no_target not in GRES_NO_TARGET_MODES:
-            raise ValueError(
-                f"TEST.PSALM.GREF_NO_TARGET must be one of {GRES_NO_TARGET_MODES}, got {gres_no_target!r}"
-            )
+            raise ValueError(f"TEST.PSALM.GREF_NO_TARGET must be one of {GRES_NO_TARGET_MODES}, got {gres_no_target!r}")
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.detections_per_image = detections_per_image
@@ -398,7 +395,9 @@ class PSALMPostProcessor:
             raise ValueError(f"task {task!r} needs the predictor output {name!r}, which is None")
         return value
 
-    def single(self, inp: Mapping, mask_logits: torch.Tensor, class_logits=None, refer_logits=None, region_logits=None) -> dict:
+    def single(
+        self, inp: Mapping, mask_logits: torch.Tensor, class_logits=None, refer_logits=None, region_logits=None
+    ) -> dict:
         """Post-process one image: mask_logits [Q, h, w] at stride 4 plus that image's head outputs."""
         task = check_task(inp["task"])
         padding_mask = inp["padding_mask"]
@@ -449,7 +448,5 @@ class PSALMPostProcessor:
             )
             return {"instances": inst, "no_target": no_target}
         if task == "interactive":
-            return {
-                "instances": interactive_inference(self._require(region_logits, "pred_region_logits", task), masks)
-            }
+            return {"instances": interactive_inference(self._require(region_logits, "pred_region_logits", task), masks)}
         raise ValueError(f"task {task!r} has no segmentation post-processing (text tasks are generated)")

@@ -64,6 +64,12 @@ def _draw_regions(vis: Visualizer, regions: Sequence[RegionPrompt], colors) -> N
             vis.draw_binary_mask(region.data.astype(np.uint8), color=color, edge_color=color, alpha=0.0)
 
 
+def _draw_banner(vis: Visualizer, text: str, color: str = "white") -> None:
+    """A line of text at the top centre of the image (in original-image coordinates)."""
+    w = vis.output.width / vis.output.scale
+    vis.draw_text(text, (w * 0.5, 4), color=color, horizontal_alignment="center")
+
+
 def _draw_instances(vis: Visualizer, instances, labels, colors, alpha: float) -> None:
     masks = instances.pred_masks.cpu().numpy() if instances.has("pred_masks") else None
     if masks is None or len(masks) == 0:
@@ -113,7 +119,10 @@ def draw_prediction(
 
     if task == "panoptic":
         panoptic_seg, segments_info = need("panoptic_seg")
-        vis.draw_panoptic_seg(panoptic_seg.cpu(), segments_info, alpha=alpha)
+        if segments_info:
+            vis.draw_panoptic_seg(panoptic_seg.cpu(), segments_info, alpha=alpha)
+        else:
+            _draw_banner(vis, "no segment passed the panoptic thresholds")
     elif task == "semantic":
         sem_seg = need("sem_seg")
         vis.draw_sem_seg(sem_seg.argmax(dim=0).cpu(), alpha=alpha)
@@ -128,13 +137,15 @@ def draw_prediction(
             labels.append(f"{name} {s:.0%}" if s is not None else name)
             colors.append(palette[c % len(palette)] if c is not None else palette[0])
         _draw_instances(vis, inst, labels, colors, alpha)
+        if len(inst) == 0:
+            _draw_banner(vis, "no instance")
     elif task in ("referring", "gres"):
         inst = need("instances").to("cpu")
         prefix = f'"{_shorten(sentence)}" ' if sentence else ""
         labels = [f"{prefix}{s:.0%}" for s in _scores(inst)]
         _draw_instances(vis, inst, labels, region_colors(len(inst)), alpha)
         if prediction.get("no_target", False) or len(inst) == 0:
-            vis.draw_text(f"{prefix}no target", (image.shape[1] * 0.5, 10), color="red", horizontal_alignment="center")
+            _draw_banner(vis, f"{prefix}no target", color="red")
     elif task == "interactive":
         inst = need("instances").to("cpu")
         n = len(inst)
@@ -145,8 +156,7 @@ def draw_prediction(
         if regions:
             _draw_regions(vis, regions, colors)
     elif task in ("instruction", "caption"):
-        text = need("text")
-        vis.draw_text(_shorten(str(text), 80), (image.shape[1] * 0.5, 10), color="white", horizontal_alignment="center")
+        _draw_banner(vis, _shorten(str(need("text")), 80))
     else:
         raise ValueError(f"no visualisation for task {task!r}")
     return vis.output.get_image()

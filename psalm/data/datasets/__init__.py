@@ -22,6 +22,7 @@ from .llava import register_llava
 from .lvis import register_lvis
 from .pascal import register_pascal
 from .refcoco import register_refcoco
+from .synthetic import register_synthetic
 
 __all__ = ["MissingDatasetFileError", "register_all_psalm_datasets", "registered_psalm_names", "datasets_root"]
 
@@ -39,6 +40,7 @@ def register_all_psalm_datasets(root: str | None = None) -> list[str]:
         register_davis,
         register_lvis,
         register_llava,
+        register_synthetic,
     ):
         register(root)
     return registered_psalm_names()

@@ -24,6 +24,7 @@ A training batch must hold one task (the multi-task sampler guarantees it). At i
 mix tasks: it is split into groups of one task (and, for category tasks, one class count), each run
 as one batched forward, and the outputs are returned in input order.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -208,7 +209,9 @@ class PSALM(nn.Module):
         shapes = backbone.output_shape()
         p = cfg.MODEL.PSALM
         if p.PROJECTOR.IN_FEATURE not in shapes:
-            raise ValueError(f"MODEL.PSALM.PROJECTOR.IN_FEATURE={p.PROJECTOR.IN_FEATURE!r} is not a backbone output {list(shapes)}")
+            raise ValueError(
+                f"MODEL.PSALM.PROJECTOR.IN_FEATURE={p.PROJECTOR.IN_FEATURE!r} is not a backbone output {list(shapes)}"
+            )
         llm = build_llm(cfg, tokenizer=tokenizer, device=device)
         hidden = llm.config.hidden_size
         pixel_decoder = build_pixel_decoder(cfg, shapes)
@@ -310,7 +313,10 @@ class PSALM(nn.Module):
             if T.is_category_task(task):
                 if not x.get("class_names"):
                     raise ValueError(f"input {i} ({task}) needs 'class_names' (the K category names)")
-                kwargs = {"class_names": x["class_names"], "shuffle_classes": self.training and self.shuffle_classes_train}
+                kwargs = {
+                    "class_names": x["class_names"],
+                    "shuffle_classes": self.training and self.shuffle_classes_train,
+                }
             elif T.is_sentence_task(task):
                 kwargs = {"sentences": x.get("sentences")}
             elif T.is_region_task(task):
@@ -339,8 +345,9 @@ class PSALM(nn.Module):
         )
         return out.last_hidden_state
 
-    def read_conditions(self, task: str, hidden: torch.Tensor, sequence: AssembledSequence,
-                        prompts: Sequence[TokenizedPrompt]) -> Conditions:
+    def read_conditions(
+        self, task: str, hidden: torch.Tensor, sequence: AssembledSequence, prompts: Sequence[TokenizedPrompt]
+    ) -> Conditions:
         """The queries and the task's condition embeddings from the LLM hidden states."""
         if sequence.mask_token_positions is None:
             raise ValueError(f"task {task!r}: the prompts have no mask tokens (<seg>)")
@@ -356,7 +363,9 @@ class PSALM(nn.Module):
         return cond
 
     # ------------------------------------------------------------------------------ forwards
-    def forward_segmentation(self, batched_inputs: Sequence[Mapping], image_features: Mapping | None = None) -> SegmentationForward:
+    def forward_segmentation(
+        self, batched_inputs: Sequence[Mapping], image_features: Mapping | None = None
+    ) -> SegmentationForward:
         """Steps 1-8 for a batch of one segmentation task (see the module docstring).
 
         Args:
@@ -378,8 +387,12 @@ class PSALM(nn.Module):
         hidden = self.run_llm(sequence)
         cond = self.read_conditions(task, hidden, sequence, prompts)
         outputs = self.predictor(
-            image_features["multi_scale_features"], image_features["mask_features"],
-            cond.queries, cond.refer, cond.classes, cond.regions,
+            image_features["multi_scale_features"],
+            image_features["mask_features"],
+            cond.queries,
+            cond.refer,
+            cond.classes,
+            cond.regions,
         )
         return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
 
@@ -398,7 +411,9 @@ class PSALM(nn.Module):
             feats = self.encode_images(batched_inputs, with_pixel_decoder=False)
             prompts = self.build_prompts(batched_inputs)
             seq = self.sequence_assembler(prompts, self.llm.get_input_embeddings(), feats["image_tokens"])
-            logits = self.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, use_cache=False).logits
+            logits = self.llm(
+                inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, use_cache=False
+            ).logits
             return {"loss_lm": self.lm_loss_weight * next_token_loss(logits, seq.labels)}
         fwd = self.forward_segmentation(batched_inputs)
         targets = []
@@ -484,4 +499,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         top = key.split(".", 1)[0]
         counts[top] = counts.get(top, 0) + value.numel()
     return counts
-

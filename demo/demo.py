@@ -231,15 +231,19 @@ def main(argv=None) -> int:
     if bool(args.input) == bool(args.video_input):
         raise SystemExit("error: give exactly one of --input and --video-input")
     try:
-        predictor = PSALMPredictor(setup_cfg(args))
-        if args.video_input:
-            run_video(args, predictor)
-        else:
-            run_images(args, predictor)
+        run(args, PSALMPredictor(setup_cfg(args)))
     except (ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
     return 0
+
+
+def run(args, predictor: PSALMPredictor) -> None:
+    """Run the parsed command line with a ready predictor (video or images)."""
+    if args.video_input:
+        run_video(args, predictor)
+    else:
+        run_images(args, predictor)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
 """tools/benchmark.py and tools/benchmark_deform_attn.py print well-formed JSON lines (fields, not timings)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml")
 
 
-def _json_lines(cmd, tmp_path):
-    env = dict(os.environ, PSALM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+@pytest.fixture(scope="session")
+def psalm_cache(tmp_path_factory):
+    """One tiny-tokenizer cache for the session."""
+    return str(tmp_path_factory.getbasetemp() / "psalm_cache")
+
+
+def _json_lines(cmd, cache):
+    env = dict(os.environ, PSALM_CACHE=cache, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=str(REPO_ROOT),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -18,10 +27,10 @@ def _json_lines(cmd, tmp_path):
     return [json.loads(ln) for ln in lines]  # every stdout line must be JSON
 
 
-def test_benchmark_model_json_lines(tmp_path):
+def test_benchmark_model_json_lines(psalm_cache):
     records = _json_lines([str(REPO_ROOT / "tools" / "benchmark.py"), "--config-file", TINY, "--task", "referring",
                            "--mode", "both", "--isolate", "none", "--iters", "1", "--warmup", "0",
-                           "--opts", "MODEL.DEVICE", "cpu"], tmp_path)
+                           "--opts", "MODEL.DEVICE", "cpu"], psalm_cache)
     assert [r["mode"] for r in records] == ["inference", "train"]
     for r in records:
         assert r["config"] == TINY and r["task"] == "referring" and r["device"] == "cpu" and r["dtype"] == "fp32"
@@ -31,10 +40,14 @@ def test_benchmark_model_json_lines(tmp_path):
         assert r["num_parameters"] > 0
 
 
-def test_benchmark_deform_attn_json_lines(tmp_path):
-    records = _json_lines([str(REPO_ROOT / "tools" / "benchmark_deform_attn.py"), "--config-file", TINY,
-                           "--isolate", "none", "--iters", "1", "--warmup", "0", "--opts", "MODEL.DEVICE", "cpu"],
-                          tmp_path)
+def test_benchmark_deform_attn_json_lines(capsys):
+    """In-process (no subprocess: the tool's own measurement code, without the import cost)."""
+    spec = importlib.util.spec_from_file_location("psalm_bench_deform", REPO_ROOT / "tools" / "benchmark_deform_attn.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--config-file", TINY, "--isolate", "none", "--iters", "1", "--warmup", "0",
+                      "--opts", "MODEL.DEVICE", "cpu"]) == 0
+    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     try:
         import torch_ms_deform_attn  # noqa: F401
 
@@ -45,7 +58,7 @@ def test_benchmark_deform_attn_json_lines(tmp_path):
     for r in records:
         assert r["levels"] == [[32, 32], [16, 16], [8, 8]] and r["d_model"] == 64 and r["n_heads"] == 4
         assert r["n_points"] == 4 and r["batch_size"] == 1 and r["memory_kind"] == "cpu_max_rss"
-        assert r["latency_ms_median"] > 0 and r["peak_memory_mb"] > 0
+        assert r["latency_ms_median"] > 0 and r["peak_memory_mb"] > 0 and r["device"] == "cpu"
         if r["impl"] == "pytorch":
             diff = r["max_abs_diff_vs_kernel"]
             assert (diff is None) if impls == ("pytorch",) else (0 <= diff < 1e-4)

@@ -1,5 +1,7 @@
-"""demo/demo.py end to end as a user runs it: a subprocess on demo/sample.jpg with the tiny config and
-random weights (CPU). Checks that a valid overlay image of the input's size was written."""
+"""demo/demo.py as a user runs it: one subprocess on demo/sample.jpg with the tiny config and random
+weights (CPU) that must write a valid overlay PNG of the input's size; the other command lines
+(interactive prompts, errors, video) run in-process with one shared predictor to stay fast."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml")
 SAMPLE = REPO_ROOT / "demo" / "sample.jpg"
+OPTS = ["--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -20,66 +23,91 @@ def psalm_cache(tmp_path_factory):
     return str(tmp_path_factory.getbasetemp() / "psalm_cache")
 
 
-def _run_demo(cache, *args):
-    """Run the demo; returns (exit code, stdout + stderr) (detectron2's logger writes to stdout)."""
-    env = dict(os.environ, PSALM_CACHE=cache, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO_ROOT / "demo" / "demo.py"), "--config-file", TINY, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=300)
-    return proc.returncode, proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("psalm_demo_script", REPO_ROOT / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_predictor(demo, psalm_cache):
+    args = demo.get_parser().parse_args(["--config-file", TINY, "--input", str(SAMPLE), *OPTS])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PSALM_CACHE", psalm_cache)
+        return demo.PSALMPredictor(demo.setup_cfg(args))
+
+
+def _sample():
+    return np.asarray(Image.open(SAMPLE).convert("RGB"))
 
 
 def test_sample_image_is_small_and_valid():
     assert SAMPLE.stat().st_size < 100 * 1024
     with Image.open(SAMPLE) as im:
-        assert im.format == "JPEG" and im.mode == "RGB"
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (480, 320)
 
 
-@pytest.mark.parametrize(
-    "task_args",
-    [
-        ["--task", "panoptic", "--classes", "cup", "saucer,spoon", "wooden table"],
-        ["--task", "interactive", "--points", "240,150", "--box", "150,40,330,260"],
-    ],
-    ids=["panoptic", "interactive"],
-)
-def test_demo_writes_overlay(tmp_path, psalm_cache, task_args):
+def test_demo_subprocess_writes_overlay(tmp_path, psalm_cache):
     out = tmp_path / "overlay.png"
-    code, log = _run_demo(psalm_cache, "--input", str(SAMPLE), "--output", str(out), *task_args,
-                          "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu")
-    assert code == 0, log[-3000:]
+    env = dict(os.environ, PSALM_CACHE=psalm_cache, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO_ROOT / "demo" / "demo.py"), "--config-file", TINY, "--input", str(SAMPLE),
+           "--output", str(out), "--task", "panoptic", "--classes", "cup", "saucer,spoon", "wooden table", *OPTS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=300)
+    log = proc.stdout + proc.stderr  # detectron2's logger writes to stdout
+    assert proc.returncode == 0, log[-3000:]
     assert "random initialisation" in log and "tiny test tokenizer" in log
     with Image.open(out) as im:
         im.load()
-        assert im.format == "PNG" and im.size == Image.open(SAMPLE).size and im.mode == "RGB"
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (480, 320)
         overlay = np.asarray(im)
-    assert not np.array_equal(overlay, np.asarray(Image.open(SAMPLE).convert("RGB"))), "nothing drawn"
+    assert not np.array_equal(overlay, _sample()), "nothing drawn"
 
 
-def test_demo_reports_bad_prompt(tmp_path, psalm_cache):
-    code, log = _run_demo(psalm_cache, "--input", str(SAMPLE), "--output", str(tmp_path / "o"), "--task",
-                          "interactive", "--points", "5000,10", "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu")
-    assert code == 2, log[-3000:]
-    assert "outside the 480x320" in log and not (tmp_path / "o").exists()
+def test_demo_interactive_folder_output(demo, demo_predictor, tmp_path):
+    args = demo.get_parser().parse_args(
+        ["--config-file", TINY, "--input", str(REPO_ROOT / "demo" / "*.jpg"), "--output", str(tmp_path / "o"),
+         "--task", "interactive", "--points", "240,150", "--box", "150,40,330,260", "--scribble", "10,10;100,50"])
+    demo.run(args, demo_predictor)
+    with Image.open(tmp_path / "o" / "sample.png") as im:
+        assert im.size == (480, 320)
+        assert not np.array_equal(np.asarray(im.convert("RGB")), _sample())
 
 
-def test_demo_video_from_first_frame_mask(tmp_path, psalm_cache):
+def test_demo_errors(demo, demo_predictor, tmp_path):
+    base = ["--config-file", TINY, "--input", str(SAMPLE), "--output", str(tmp_path / "o")]
+    args = demo.get_parser().parse_args(base + ["--task", "interactive", "--points", "5000,10"])
+    with pytest.raises(ValueError, match="outside the 480x320"):
+        demo.run(args, demo_predictor)
+    args = demo.get_parser().parse_args(base + ["--task", "referring"])
+    with pytest.raises(ValueError, match="needs text"):
+        demo.run(args, demo_predictor)
+    assert not (tmp_path / "o" / "sample.png").exists()
+    with pytest.raises(SystemExit, match="matches no file"):
+        demo.run(demo.get_parser().parse_args(["--input", str(tmp_path / "*.png"), "--task", "referring"]),
+                 demo_predictor)
+    with pytest.raises(SystemExit, match="exactly one of"):
+        demo.main(["--config-file", TINY])
+
+
+def test_demo_video_from_first_frame_mask(demo, demo_predictor, tmp_path):
     """VOS: a folder of 3 frames and a DAVIS-style palette PNG for frame 0 -> one overlay and one label map
     per frame, the label maps holding only the given object ids."""
-    sample = np.asarray(Image.open(SAMPLE).convert("RGB"))
+    sample = _sample()
     frames = tmp_path / "frames"
     frames.mkdir()
     for t in range(3):
-        Image.fromarray(np.ascontiguousarray(sample[4 * t : 4 * t + 240, 6 * t : 6 * t + 320])).save(frames / f"{t:05d}.jpg")
+        crop = np.ascontiguousarray(sample[4 * t : 4 * t + 240, 6 * t : 6 * t + 320])
+        Image.fromarray(crop).save(frames / f"{t:05d}.jpg")
     label = np.zeros((240, 320), np.uint8)
     label[40:160, 100:220] = 1  # the cup
     label[180:230, 20:90] = 3
-    first = Image.fromarray(label).convert("P")  # a palette PNG, as DAVIS annotations
-    first.save(tmp_path / "first.png")
+    Image.fromarray(label).convert("P").save(tmp_path / "first.png")  # a palette PNG, as DAVIS annotations
     out = tmp_path / "vos"
-    code, log = _run_demo(psalm_cache, "--video-input", str(frames), "--first-frame-mask", str(tmp_path / "first.png"),
-                          "--output", str(out), "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu")
-    assert code == 0, log[-3000:]
-    assert "objects [1, 3]" in log
+    args = demo.get_parser().parse_args(["--config-file", TINY, "--video-input", str(frames), "--first-frame-mask",
+                                         str(tmp_path / "first.png"), "--output", str(out)])
+    demo.run(args, demo_predictor)
     for t in range(3):
         with Image.open(out / f"{t:05d}.png") as im:
             assert im.size == (320, 240)

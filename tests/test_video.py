@@ -7,6 +7,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
+from PIL import Image
 from torch import nn
 
 from psalm.config import get_psalm_cfg
@@ -236,8 +237,6 @@ def test_tiny_model_every_frame_and_bad_inputs(cfg, model, tmp_path):
     paths = []
     for i, f in enumerate(frames(3, seed=1)):
         p = tmp_path / f"{i:05d}.png"
-        from PIL import Image
-
         Image.fromarray(f).save(p)
         paths.append(str(p))
     label_maps = seg(paths, first_label())
@@ -253,6 +252,12 @@ def test_tiny_model_every_frame_and_bad_inputs(cfg, model, tmp_path):
         list(seg.propagate([frames(1)[0], np.zeros((10, W, 3), np.uint8)], first_label()))
     with pytest.raises(ValueError, match="TOP_K"):
         VideoObjectSegmenter(cfg, model, top_k=0)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="model.eval"):
+            seg(frames(2), first_label())
+    finally:
+        model.eval()
     with pytest.raises(TypeError, match="PSALM"):
         VideoObjectSegmenter(cfg, nn.Linear(2, 2))
 

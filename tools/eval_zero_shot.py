@@ -46,8 +46,6 @@ import os
 import sys
 from collections import OrderedDict
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402

@@ -250,6 +250,8 @@ class VideoObjectSegmenter:
         Yields:
             one :class:`FrameResult` per frame.
         """
+        if self.model.training:
+            raise ValueError("the model is in training mode (random region sampling, dropout); call model.eval() first")
         if objects_per_frame is not None and not self.official_gt_reset:
             raise ValueError(
                 "objects_per_frame is ground truth of later frames; it is only read with official_gt_reset=True "

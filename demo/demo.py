@@ -114,13 +114,16 @@ def expand_inputs(patterns) -> list:
     return paths
 
 
-def output_path(args, in_path: str, n_inputs: int, suffix: str = ".png") -> str:
+def output_path(args, in_path: str, n_inputs: int, text: bool = False) -> str:
+    """Where the overlay (or, with ``text``, the chat answer .txt) of ``in_path`` goes."""
     out = args.output
-    if n_inputs == 1 and os.path.splitext(out)[1].lower() in IMAGE_EXTS:
+    if os.path.splitext(out)[1].lower() in IMAGE_EXTS:
+        if n_inputs != 1:
+            raise SystemExit(f"error: --output {out!r} names one file but there are {n_inputs} inputs; give a folder")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        return out if suffix == ".png" else os.path.splitext(out)[0] + suffix
+        return os.path.splitext(out)[0] + ".txt" if text else out
     os.makedirs(out, exist_ok=True)
-    return os.path.join(out, os.path.splitext(os.path.basename(in_path))[0] + suffix)
+    return os.path.join(out, os.path.splitext(os.path.basename(in_path))[0] + (".txt" if text else ".png"))
 
 
 def filter_instances(prediction: dict, threshold: float) -> dict:
@@ -147,7 +150,7 @@ def run_images(args, predictor: PSALMPredictor) -> None:
             target = output_path(args, path, len(paths))
             Image.fromarray(overlay).save(target)
             if "text" in prediction:
-                with open(output_path(args, path, len(paths), ".txt"), "w", encoding="utf-8") as f:
+                with open(output_path(args, path, len(paths), text=True), "w", encoding="utf-8") as f:
                     f.write(str(prediction["text"]) + "\n")
         elif "text" in prediction:
             print(prediction["text"])
@@ -188,6 +191,7 @@ def read_frames(source: str) -> list:
         cv2.imwrite(path, bgr)
         frames.append(path)
     cap.release()
+    logger.info("decoded %d frames of %s into %s", len(frames), source, tmp)
     if not frames:
         raise SystemExit(f"error: could not decode any frame from {source!r}")
     return frames

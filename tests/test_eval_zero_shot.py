@@ -164,7 +164,7 @@ def test_ov_instance(env, tmp_path):
 
 
 def test_ov_panoptic(env, tmp_path):
-    # ADE20K: PQ only (thing AP and mIoU of the panoptic run: see the xfail tests below)
+    # ADE20K: PQ only (thing AP and mIoU of the panoptic run: test_ade20k_panoptic_thing_ap)
     _, written = run_tool(env, "ov_panoptic", "ade20k_panoptic_val_psalm", tmp_path / "ade",
                           "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False")
     assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(written["panoptic_seg"])
@@ -176,14 +176,16 @@ def test_ov_panoptic(env, tmp_path):
     assert in_range(written["panoptic_seg"]["PQ"]) and in_range(written["segm"]["AP"])
 
 
-# ADE20K panoptic thing AP: detectron2's COCOEvaluator asserts that the thing classes' contiguous
-# ids are 0..T-1, but ADE's things are interleaved with stuff in the 150-class space (Mask2Former
-# uses its own InstanceSegEvaluator there). Owner: psalm/evaluation/build.py. strict: fails once fixed.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="COCOEvaluator needs contiguous thing ids (ADE panoptic)")
+# ADE20K panoptic thing AP: ADE's things are interleaved with stuff in the 150-class space, so
+# detectron2's COCOEvaluator cannot take them directly; PanopticThingAPEvaluator evaluates them on a
+# view with thing ids 0..99. The fixture's instance json numbers its images 1, 2 (the panoptic set
+# uses the file stems): images are matched by file name. mIoU of the panoptic run: every predicted
+# class (things too) must be in the semantic metadata.
 def test_ade20k_panoptic_thing_ap(env, tmp_path):
-    _, written = run_tool(env, "ov_panoptic", "ade20k_panoptic_val_psalm", tmp_path,
-                          "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False")
-    assert in_range(written["segm"]["AP"])
+    _, written = run_tool(env, "ov_panoptic", "ade20k_panoptic_val_psalm", tmp_path)
+    assert set(written) == {"panoptic_seg", "segm", "sem_seg"}
+    assert in_range(written["segm"]["AP"]) and in_range(written["sem_seg"]["mIoU"])
+    assert (tmp_path / "inference" / "coco_instances_results.json").is_file()
 
 
 def test_grefcoco(env, tmp_path):
@@ -234,12 +236,8 @@ def test_ov_semantic_gt_predictor_scores_100(env, tmp_path, monkeypatch):
     assert written["sem_seg"]["pACC"] == pytest.approx(100.0)
 
 
-# ADE20K / COCO semantic metadata: `stuff_dataset_id_to_contiguous_id` covers the stuff classes only,
-# so detectron2's SemSegEvaluator cannot write a predicted THING class (here: bed) to
-# sem_seg_predictions.json ("Label 7 is not in the metadata info"); Mask2Former maps every class
-# there. The same SemSegEvaluator runs in ov_panoptic with SEMANTIC_ON. Owner:
-# psalm/data/datasets/{ade20k,coco}.py. strict: this test fails (XPASS) once that is fixed.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="ADE/COCO semantic metadata lacks the thing classes")
+# ADE20K semantic: a predicted THING class (here: bed) must be known to SemSegEvaluator, which reads
+# every label from `stuff_dataset_id_to_contiguous_id` (Mask2Former maps every class there).
 def test_ade20k_semantic_evaluation_gt_predictor(env, tmp_path, monkeypatch):
     monkeypatch.setattr(PSALM, "inference", gt_semantic_inference(len(load_categories("ade20k_150"))))
     _, written = run_tool(env, "ov_semantic", "ade20k_sem_seg_val_psalm", tmp_path)

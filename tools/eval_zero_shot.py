@@ -183,20 +183,6 @@ def build_model(cfg, allow_missing_keys: bool = False):
 
 
 # ----------------------------------------------------------------------------- data
-class IsThingMapper:
-    """Adds ``is_thing`` (K bools from the metadata's ``prompt_is_thing``) to panoptic inputs that
-    lack it: panoptic post-processing needs it and PSALMDatasetMapper does not set it (yet)."""
-
-    def __init__(self, mapper, is_thing):
-        self.mapper = mapper
-        self.is_thing = [bool(v) for v in is_thing]
-
-    def __call__(self, dataset_dict):
-        out = self.mapper(dataset_dict)
-        out.setdefault("is_thing", list(self.is_thing))
-        return out
-
-
 class _ProgressLoader:
     """A data loader wrapped in tqdm (``inference_on_dataset`` needs ``len``)."""
 
@@ -214,13 +200,8 @@ def build_test_loader(cfg, dataset_name: str, model_task: str):
     """detectron2 test loader of ``dataset_name`` with the PSALM mapper forced to ``model_task``."""
     from psalm.data.mapper import PSALMDatasetMapper
 
+    # category tasks: class_names / is_thing from the metadata's prompt_class_names / prompt_is_thing
     mapper = PSALMDatasetMapper(cfg, is_train=False, dataset_name=dataset_name, task=model_task)
-    if model_task == "panoptic":
-        meta = MetadataCatalog.get(dataset_name)
-        is_thing = meta.get("prompt_is_thing", None)
-        if is_thing is None or len(is_thing) != len(meta.get("prompt_class_names", [])):
-            raise ValueError(f"panoptic data set {dataset_name!r} needs metadata prompt_is_thing (K bools)")
-        mapper = IsThingMapper(mapper, is_thing)
     dicts = DatasetCatalog.get(dataset_name)
     if not dicts:
         raise ValueError(f"data set {dataset_name!r} is empty")

@@ -20,6 +20,9 @@ GT sources per task (training only; evaluation reads its GT in the evaluators):
   prompts AND the GT, so region j always belongs to GT j; ``region_ann_indices`` says which
   annotations were kept. Prompts are rasterised (points / scribbles dilated) at the original size.
 
+Category tasks get ``class_names`` (metadata ``prompt_class_names``) and ``is_thing`` (metadata
+``prompt_is_thing``, K bools; required for panoptic evaluation).
+
 Every dataset-dict field other than ``annotations`` / ``segments_info`` / ``conversations`` is
 passed through unchanged (``image_id``, ``sample_id``, ``ref_id``, ``no_target``, DAVIS fields...).
 """
@@ -138,6 +141,7 @@ class PSALMDatasetMapper:
         train_prompt_types: Sequence[str] = PROMPT_TYPES,
         test_prompt_type: str = "point",
         class_names: Optional[Sequence[str]] = None,
+        is_thing: Optional[Sequence[bool]] = None,
         ignore_label: int = 255,
         task: Optional[str] = None,
     ):
@@ -150,6 +154,9 @@ class PSALMDatasetMapper:
             test_prompt_type: the prompt type of interactive evaluation.
             class_names: K category names of the data set (category tasks); from_config reads
                 the metadata's ``prompt_class_names``.
+            is_thing: K flags (``class_names`` order) copied into every category-task input as
+                ``is_thing``; from_config reads the metadata's ``prompt_is_thing``. Required for
+                panoptic evaluation (post-processing merges stuff segments by it).
             ignore_label: ignored value of semantic PNGs.
             task: if set, the task of EVERY dict this mapper maps (overrides the dicts' own
                 ``task``, e.g. DATASETS.TRAIN_TASKS); None: each dict's ``task`` field.
@@ -167,6 +174,7 @@ class PSALMDatasetMapper:
         self.train_prompt_types = tuple(train_prompt_types)
         self.test_prompt_type = test_prompt_type
         self.class_names = list(class_names) if class_names is not None else None
+        self.is_thing = self._check_is_thing(is_thing, self.class_names)
         self.ignore_label = int(ignore_label)
         self.task = check_task(task) if task is not None else None
 
@@ -186,8 +194,27 @@ class PSALMDatasetMapper:
             meta = MetadataCatalog.get(dataset_name)
             # NOT meta.class_names: detectron2 aliases that key to thing_classes (docs/DESIGN.md)
             ret["class_names"] = meta.get("prompt_class_names", None)
+            ret["is_thing"] = meta.get("prompt_is_thing", None)
             ret["ignore_label"] = meta.get("ignore_label", 255)
         return ret
+
+    @staticmethod
+    def _check_is_thing(is_thing, class_names) -> Optional[List[bool]]:
+        if is_thing is None:
+            return None
+        flags = list(is_thing)
+        if class_names is None:
+            raise ValueError("is_thing was given without class_names; pass both (metadata prompt_class_names / "
+                             "prompt_is_thing)")
+        if len(flags) != len(class_names):
+            raise ValueError(
+                f"is_thing has {len(flags)} entries for {len(class_names)} class names; the metadata's "
+                "prompt_is_thing must hold one bool per prompt_class_names entry, in the same order"
+            )
+        bad = [v for v in flags if not isinstance(v, (bool, np.bool_)) and v not in (0, 1)]
+        if bad:
+            raise ValueError(f"is_thing must hold booleans, got {bad[:3]}")
+        return [bool(v) for v in flags]
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, dataset_dict: Dict, rng: Optional[np.random.Generator] = None) -> Dict:
@@ -227,6 +254,14 @@ class PSALMDatasetMapper:
                     "and build the mapper with dataset_name=name (or pass class_names=)"
                 )
             out["class_names"] = list(self.class_names)
+            if self.is_thing is not None:
+                out["is_thing"] = list(self.is_thing)
+            elif task == "panoptic" and not self.is_train:
+                raise ValueError(
+                    "panoptic evaluation needs is_thing (K bools, class_names order) to merge stuff segments: "
+                    "set MetadataCatalog.get(name).prompt_is_thing and build the mapper with dataset_name=name "
+                    "(or pass is_thing=)"
+                )
         if task in SENTENCE_TASKS:
             sentences = d.get("sentences")
             if not sentences or not all(isinstance(s, str) for s in sentences):

@@ -149,7 +149,13 @@ def wrap_model(cfg, model: torch.nn.Module) -> torch.nn.Module:
         return model
     device = next(model.parameters()).device
     if mode in ("ddp", "zero"):
-        kwargs = {"broadcast_buffers": False, "find_unused_parameters": cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS}
+        # buffers (e.g. BatchNorm statistics) are synced once at construction, not every forward
+        import inspect
+
+        sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+                   else "broadcast_buffers")
+        kwargs = {sync_kw: False, "find_unused_parameters": cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS}
         if device.type == "cuda":
             kwargs["device_ids"] = [device.index if device.index is not None else comm.get_local_rank()]
         return torch.nn.parallel.DistributedDataParallel(model, **kwargs)

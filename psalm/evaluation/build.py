@@ -4,7 +4,7 @@ Chosen by ``MetadataCatalog.get(dataset_name).evaluator_type``:
 
 | evaluator_type | evaluators |
 |---|---|
-| ``coco_panoptic_seg``, ``ade20k_panoptic_seg`` | ``COCOPanopticEvaluator`` (PQ) + ``COCOEvaluator`` (thing mask AP) + ``SemSegEvaluator`` (mIoU), per ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` |
+| ``coco_panoptic_seg``, ``ade20k_panoptic_seg`` | ``COCOPanopticEvaluator`` (PQ) + :class:`PanopticThingAPEvaluator` (thing mask AP: ``COCOEvaluator`` on the instance json ``json_file``, required) + ``SemSegEvaluator`` (mIoU, skipped with a warning without ``sem_seg_root``), per ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` |
 | ``coco`` | ``COCOEvaluator(tasks=("segm",), use_fast_impl=False)`` (mask AP) |
 | ``sem_seg`` | ``SemSegEvaluator`` (mIoU) |
 | ``referring`` / ``gres`` | :class:`ReferringEvaluator` / :class:`GRESEvaluator` |
@@ -27,6 +27,7 @@ from detectron2.evaluation import (
 
 from .davis import DAVISEvaluator
 from .interactive import InteractiveEvaluator
+from .panoptic_ap import PanopticThingAPEvaluator
 from .referring import GRESEvaluator, ReferringEvaluator
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,11 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | None = None, distr
         if _test_flag(cfg, "PANOPTIC_ON"):
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_dir))
         if _test_flag(cfg, "INSTANCE_ON"):
-            if os.path.isfile(meta.get("json_file", "")):
-                evaluators.append(
-                    COCOEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir,
-                                  use_fast_impl=False)
-                )
-            else:
-                logger.warning("'%s': instance AP skipped, %r does not exist", dataset_name, meta.get("json_file"))
+            # thing ids of a panoptic set live in the K-class space (ADE: not 0..T-1): evaluated on a
+            # view; a missing instance json is a MissingDatasetFileError naming INSTANCE_ON
+            evaluators.append(PanopticThingAPEvaluator(dataset_name, distributed, output_dir))
+        else:
+            logger.warning("'%s': thing mask AP skipped (MODEL.MASK_FORMER.TEST.INSTANCE_ON is False)", dataset_name)
         if _test_flag(cfg, "SEMANTIC_ON"):
             if os.path.isdir(meta.get("sem_seg_root", "")):
                 evaluators.append(SemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir))

@@ -422,8 +422,11 @@ class PSALMPostProcessor:
             is_thing = inp.get("is_thing")
             if is_thing is None:
                 raise ValueError(
-                    "panoptic inference needs 'is_thing' (K bools, class_names order) in the input dict; "
-                    "the dataset mapper sets it from the metadata's thing/stuff classes"
+                    f"panoptic inference needs 'is_thing' (K={class_logits.shape[-1] - 1} bools, class_names "
+                    f"order) in the input dict of {inp.get('file_name', 'this image')!r}, which has none. "
+                    "PSALMDatasetMapper sets it from MetadataCatalog.get(dataset).prompt_is_thing when built "
+                    "with dataset_name= (or is_thing=); PSALMPredictor takes is_thing=[...]; hand-made "
+                    "inputs must add it"
                 )
             result = {
                 "panoptic_seg": panoptic_inference(

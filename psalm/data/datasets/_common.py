@@ -86,5 +86,25 @@ def contiguous_map(ids: Iterable[int]) -> dict[int, int]:
     return {int(i): k for k, i in enumerate(ids)}
 
 
+def category_id_maps(categories: Iterable[dict]) -> tuple[dict[int, int], dict[int, int]]:
+    """detectron2 id maps of a thing + stuff label space, the Mask2Former way.
+
+    Args:
+        categories: K dicts with ``id`` (data-set id) and ``isthing``, in contiguous-id order.
+    Returns:
+        ``(thing_dataset_id_to_contiguous_id, stuff_dataset_id_to_contiguous_id)``: the thing map
+        holds the thing classes only (their ids into the K-class space); the stuff map holds EVERY
+        class, things included, because detectron2's ``SemSegEvaluator`` reads its contiguous-id ->
+        data-set-id table from it and must know every predicted label. Code that needs to know
+        whether an id is a thing must test the thing map first (the stuff map is not stuff-only).
+    """
+    cats = list(categories)
+    things = {int(c["id"]): k for k, c in enumerate(cats) if c["isthing"]}
+    every = {int(c["id"]): k for k, c in enumerate(cats)}
+    if len(every) != len(cats):
+        raise ValueError(f"category ids are not unique: {[c['id'] for c in cats]}")
+    return things, every
+
+
 def log_loaded(name: str, n: int, what: str = "samples") -> None:
     logger.info("Loaded %d %s for data set '%s'", n, what, name)

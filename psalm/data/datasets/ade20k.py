@@ -18,15 +18,23 @@ from detectron2.data.datasets.coco import load_sem_seg
 
 from psalm.data.class_names import load_categories
 
-from ._common import datasets_root, log_loaded, register_lazy, require_path
+from ._common import category_id_maps, datasets_root, log_loaded, register_lazy, require_path
 from .coco import image_id_from_file_name, load_coco_instances_json, load_panoptic_json
 
 M2F_HINT = "Mask2Former's datasets/{} (needs ADEChallengeData2016/annotations_instance; see datasets/README.md)"
 
 
 def ade20k_metadata() -> dict:
+    """Metadata of the 150-class space (semantic and panoptic sets); both id maps point into it.
+
+    ``stuff_dataset_id_to_contiguous_id`` maps every class, things included (Mask2Former's
+    convention, needed by ``SemSegEvaluator``); ``thing_dataset_id_to_contiguous_id`` the 100
+    things, whose contiguous ids are NOT 0..99 (they interleave with stuff): panoptic thing AP
+    goes through ``psalm.evaluation.panoptic_ap``.
+    """
     cats = load_categories("ade20k_150")
     names = [c["name"] for c in cats]
+    things, every = category_id_maps(cats)
     return {
         "prompt_class_names": names,
         "prompt_is_thing": [bool(c["isthing"]) for c in cats],
@@ -35,8 +43,8 @@ def ade20k_metadata() -> dict:
         "stuff_colors": [c["color"] for c in cats],
         "thing_classes": [c["name"] for c in cats if c["isthing"]],
         "thing_colors": [c["color"] for c in cats if c["isthing"]],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats) if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats) if not c["isthing"]},
+        "thing_dataset_id_to_contiguous_id": things,
+        "stuff_dataset_id_to_contiguous_id": every,
         "ignore_label": 255,
         "label_divisor": 1000,
     }
@@ -105,5 +113,7 @@ def register_ade20k(root: str | None = None) -> None:
                 )
             ],
             task="panoptic", evaluator_type="ade20k_panoptic_seg", image_root=image_root,
-            panoptic_root=pan_root, panoptic_json=pan_json, sem_seg_root=sem_root, json_file=json_file, **meta,
+            panoptic_root=pan_root, panoptic_json=pan_json, sem_seg_root=sem_root,
+            # thing AP of the panoptic run reads the instance json (same images, 0-based ADE-150 ids)
+            json_file=json_file, instance_json_prepare=M2F_HINT.format("prepare_ade20k_ins_seg.py"), **meta,
         )

@@ -21,7 +21,7 @@ from detectron2.structures import BoxMode
 
 from psalm.data.class_names import load_categories
 
-from ._common import contiguous_map, datasets_root, load_json, log_loaded, register_lazy, require_path
+from ._common import category_id_maps, contiguous_map, datasets_root, load_json, log_loaded, register_lazy, require_path
 
 COCO_DOWNLOAD = "download COCO 2017 images and annotations (see datasets/README.md, 'COCO')"
 COCO_SEMSEG_PREPARE = "python datasets/prepare_coco_semantic_from_panoptic.py"
@@ -31,6 +31,7 @@ def coco_panoptic_metadata() -> dict:
     """detectron2-style metadata of the 133-class COCO panoptic label space (raw names)."""
     cats = load_categories("coco_panoptic")
     names = [c["name"] for c in cats]
+    things, every = category_id_maps(cats)
     return {
         "prompt_class_names": names,
         "prompt_is_thing": [bool(c["isthing"]) for c in cats],
@@ -39,9 +40,10 @@ def coco_panoptic_metadata() -> dict:
         "thing_colors": [c["color"] for c in cats if c["isthing"]],
         "stuff_classes": names,
         "stuff_colors": [c["color"] for c in cats],
-        # detectron2 / Mask2Former convention: both map into the 133 contiguous ids
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats) if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats) if not c["isthing"]},
+        # Mask2Former convention: both map into the 133 contiguous ids; the stuff map holds EVERY
+        # class (things too) so that SemSegEvaluator knows every predicted label
+        "thing_dataset_id_to_contiguous_id": things,
+        "stuff_dataset_id_to_contiguous_id": every,
         "ignore_label": 255,
         "label_divisor": 1000,
     }
@@ -125,7 +127,8 @@ def load_panoptic_json(json_file: str, image_root: str, pan_root: str, meta: dic
     """A COCO-panoptic-format JSON -> detectron2 dicts (``segments_info`` with contiguous ids, ``isthing``).
 
     Like detectron2's ``load_coco_panoptic_json`` but keeps non-integer image ids (ADE20K) and adds
-    ``height`` / ``width``. ``meta`` needs ``thing_/stuff_dataset_id_to_contiguous_id``.
+    ``height`` / ``width``. ``meta`` needs ``thing_/stuff_dataset_id_to_contiguous_id``; an id in the
+    thing map is a thing, any other id of the stuff map (which may hold every class) is stuff.
     """
     data = load_json(json_file, dataset_name, prepare)
     require_path(pan_root, dataset_name, prepare, is_dir=True)
@@ -210,7 +213,8 @@ def register_coco(root: str | None = None) -> None:
             panoptic_root=p["panoptic_root"],
             panoptic_json=p["panoptic_json"],
             sem_seg_root=p["sem_seg_root"],
-            json_file=p["instances_json"],  # thing AP of the panoptic run (COCOEvaluator)
+            json_file=p["instances_json"],  # thing AP of the panoptic run (PanopticThingAPEvaluator)
+            instance_json_prepare=COCO_DOWNLOAD,
             **pan_meta,
         )
         name = f"coco_2017_{split}_instance_psalm"

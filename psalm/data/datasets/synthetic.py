@@ -27,7 +27,7 @@ from detectron2.data.datasets.coco import load_sem_seg
 
 from psalm.data import synthetic as syn
 
-from ._common import load_json, log_loaded, register_lazy
+from ._common import category_id_maps, load_json, log_loaded, register_lazy
 from .coco import load_coco_instances_json
 from .coco_interactive import PROMPT_TYPES, load_coco_interactive
 from .llava import load_llava_json
@@ -51,7 +51,8 @@ def synthetic_metadata(things_only: bool = False) -> dict:
         "stuff_classes": [c["name"] for c in cats],
         "stuff_colors": [c["color"] for c in cats],
         "thing_dataset_id_to_contiguous_id": dict(_THING_IDS),
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats) if not c["isthing"]},
+        # every class, things too (Mask2Former convention: SemSegEvaluator must know every label)
+        "stuff_dataset_id_to_contiguous_id": category_id_maps(cats)[1],
         "ignore_label": 255,
         "label_divisor": 1000,
     }

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Train and/or evaluate PSALM (detectron2 conventions).
+
+Examples::
+
+    # the README main job: the built-in synthetic data, CPU, trains then evaluates
+    python tools/train_net.py --config-file configs/tiny/psalm_synthetic.yaml
+
+    # 8 GPUs on one machine; resume after an interruption
+    python tools/train_net.py --config-file configs/coco/psalm_swin_base_phi15.yaml --num-gpus 8 --resume
+
+    # evaluation only (every DATASETS.TEST entry with its DATASETS.TEST_TASKS task)
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+
+    # 2 CPU processes (gloo), or several machines, or torchrun
+    python tools/train_net.py --config-file ... --num-gpus 2
+    python tools/train_net.py --config-file ... --num-gpus 8 --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
+    torchrun --nproc-per-node 8 tools/train_net.py --config-file ...
+
+``--num-gpus`` is the number of processes per machine; without CUDA they are CPU processes with the
+gloo backend. Under ``torchrun`` the process group comes from the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``) and ``--num-gpus`` / ``--num-machines`` are ignored.
+"""
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from psalm.config import get_psalm_cfg  # noqa: E402
+from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
+
+logger = logging.getLogger("psalm.tools.train_net")
+
+
+def setup(args):
+    """Config (file + opts), logging, seeding, config backup, data-set registration."""
+    import psalm.data.datasets  # noqa: F401  (registers every psalm data set)
+    from psalm.data.datasets.synthetic import prepare_synthetic_for_cfg
+
+    cfg = get_psalm_cfg(args.config_file, args.opts)
+    resolve_device(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="psalm")
+    # generates the built-in synthetic data (and its tokenizer) on first use; a file lock makes
+    # concurrent ranks wait for the first one
+    prepare_synthetic_for_cfg(cfg)
+    return cfg
+
+
+def _write_results(cfg, results) -> None:
+    if results and comm.is_main_process():
+        path = os.path.join(cfg.OUTPUT_DIR, "results.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+        logger.info("Evaluation results written to %s", path)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = PSALMTrainer.build_model(cfg)
+        PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = PSALMTrainer.test(cfg, model)
+        _write_results(cfg, results)
+        return results
+    trainer = PSALMTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    _write_results(cfg, results)
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -31,7 +31,7 @@ from psalm.config import get_psalm_cfg
 from psalm.data.class_names import BENCHMARKS, load_categories
 from psalm.modeling.tasks import CATEGORY_TASKS, SENTENCE_TASKS
 from psalm.predictor import PSALMPredictor, ensure_tokenizer
-from psalm.utils import draw_prediction, load_image, masks_from_label_map, parse_visual_prompts
+from psalm.utils import draw_prediction, load_image, parse_visual_prompts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASKS = ("panoptic", "instance", "semantic", "referring", "gres", "interactive", "instruction")
@@ -205,25 +205,24 @@ def run_video(args, predictor: PSALMPredictor) -> None:
     frames = read_frames(args.video_input)
     with Image.open(args.first_frame_mask) as im:
         label = np.asarray(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L")).astype(np.int64)
-    object_ids, first = masks_from_label_map(label)
-    logger.info("video: %d frames, objects %s", len(frames), object_ids)
+    logger.info("video: %d frames", len(frames))
     os.makedirs(os.path.join(args.output, "masks"), exist_ok=True)
-    ids = np.array([0] + object_ids, dtype=np.uint8)
-    for path, result in tqdm.tqdm(zip(frames, predictor.predict_video(frames, first)), total=len(frames), desc="frames"):
+    for path, result in tqdm.tqdm(zip(frames, predictor.predict_video(frames, label)), total=len(frames), desc="frames"):
         image = load_image(path)
         stem = os.path.splitext(os.path.basename(path))[0]
-        Image.fromarray(ids[result["label_map"]]).save(os.path.join(args.output, "masks", stem + ".png"))
+        Image.fromarray(result.label_map).save(os.path.join(args.output, "masks", stem + ".png"))
         inst = _video_instances(result, image.shape[:2])
         overlay = draw_prediction(image, {"instances": inst}, "interactive")
         Image.fromarray(overlay).save(os.path.join(args.output, stem + ".png"))
 
 
-def _video_instances(result: dict, hw):
+def _video_instances(result, hw):
+    """Painted (non-overlapping) object masks of a :class:`psalm.inference.FrameResult`."""
     from detectron2.structures import Instances
 
     inst = Instances(hw)
-    inst.pred_masks = torch.from_numpy(result["masks"])
-    inst.scores = torch.from_numpy(np.asarray(result["scores"], dtype=np.float32))
+    inst.pred_masks = torch.from_numpy(np.stack([result.label_map == o for o in result.object_ids]))
+    inst.scores = torch.from_numpy(np.asarray(result.scores, dtype=np.float32))
     return inst
 
 

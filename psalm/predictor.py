@@ -390,78 +390,33 @@ class PSALMPredictor:
         return out
 
     # ------------------------------------------------------------------ video
-    def predict_video(
-        self, frames: Iterable[ImageLike], first_frame_masks: np.ndarray, iou_guard: float = 0.4
-    ) -> Iterator[Dict]:
+    def predict_video(self, frames: Iterable[ImageLike], first_frame_masks: np.ndarray) -> Iterator:
         """Semi-supervised video object segmentation from the objects' masks in frame 0.
 
-        As the official DAVIS inference: the visual prompts of frame t are the masks predicted for
-        the memory frame (frame t-1, or frame 0 at the start), one region per object; the memory
-        advances to frame t only when every object was found and no two predicted masks overlap
-        with IoU > ``iou_guard`` (official 0.4). Objects are painted in order, later ones winning.
-        Differences from the official evaluation: no ground truth of later frames is used (the
-        official code resets the memory from frame-0 GT when the GT object count changes), and each
-        object keeps its own top-1 query (no top-10 unique assignment).
+        A thin front end to :class:`psalm.inference.VideoObjectSegmenter` (the one implementation
+        of the official DAVIS propagation protocol, ``TEST.PSALM.VIDEO.*``): frame t's visual prompts
+        are the masks predicted for the memory frame, pooled from that frame's encoding.
 
         Args:
             frames: frame 0 first; paths / arrays / PIL images of one size.
-            first_frame_masks: bool [N, H, W], one mask per object in frame 0.
+            first_frame_masks: an integer label map [H, W] (0 background, 255 void, k object k), or
+                bool masks [N, H, W], one per object (objects 1..N; later masks win on overlap).
         Yields:
-            per frame (frame 0 included): ``masks`` bool [N, H, W] (painted, non-overlapping),
-            ``scores`` float [N] (1.0 on frame 0), ``label_map`` int32 [H, W] (0 = background,
-            k = object k, 1-based), ``memory_updated`` bool.
+            one :class:`psalm.inference.FrameResult` per frame, frame 0 included (``label_map``,
+            per-object ``masks`` and ``scores``, ``memory_updated``).
         """
+        from psalm.evaluation.davis import paint_objects
+        from psalm.inference import VideoObjectSegmenter
+
         first = np.asarray(first_frame_masks)
-        if first.ndim == 2:
-            first = first[None]
-        if first.ndim != 3 or first.shape[0] == 0:
-            raise ValueError(f"first_frame_masks must be bool [N, H, W] with N >= 1, got shape {first.shape}")
-        first = first.astype(bool)
-        empty = [i for i in range(first.shape[0]) if not first[i].any()]
-        if empty:
-            raise ValueError(f"first-frame object mask(s) {empty} are empty; every object needs pixels in frame 0")
-        memory: Optional[np.ndarray] = None
-        for t, frame in enumerate(frames):
-            rgb = load_image(frame)
-            if rgb.shape[:2] != first.shape[1:]:
-                raise ValueError(
-                    f"frame {t} is {rgb.shape[0]}x{rgb.shape[1]} but the first-frame masks are "
-                    f"{first.shape[1]}x{first.shape[2]}; all frames must have the size of the masks"
-                )
-            if memory is None:
-                memory = first
-                yield {"masks": _paint(first), "scores": np.ones(len(first), np.float32),
-                       "label_map": _label_map(first), "memory_updated": True}
-                continue
-            out = self.run([self.make_input(rgb, "interactive", masks=list(memory))])[0]["instances"].to("cpu")
-            pred = out.pred_masks.numpy().astype(bool)
-            update = bool(pred.reshape(len(pred), -1).any(1).all()) and _max_pairwise_iou(pred) <= iou_guard
-            if update:
-                memory = pred
-            yield {"masks": _paint(pred), "scores": out.scores.float().numpy(), "label_map": _label_map(pred),
-                   "memory_updated": update}
+        if first.ndim == 3:
+            if first.shape[0] == 0 or first.shape[0] > 254:
+                raise ValueError(f"first_frame_masks must hold 1..254 object masks, got {first.shape[0]}")
+            empty = [i for i in range(first.shape[0]) if not first[i].any()]
+            if empty:
+                raise ValueError(f"first-frame object mask(s) {empty} are empty; every object needs pixels in frame 0")
+            first = paint_objects(first.astype(bool), list(range(1, first.shape[0] + 1)))
+        segmenter = VideoObjectSegmenter(self.cfg, self.model, autocast_dtype=self.autocast_dtype)
+        return segmenter.propagate(frames, first)
 
 
-def _paint(masks: np.ndarray) -> np.ndarray:
-    """Non-overlapping masks: pixels claimed by several objects go to the last one."""
-    label = _label_map(masks)
-    return np.stack([label == i + 1 for i in range(len(masks))]) if len(masks) else masks
-
-
-def _label_map(masks: np.ndarray) -> np.ndarray:
-    label = np.zeros(masks.shape[1:], dtype=np.int32)
-    for i, m in enumerate(masks):
-        label[m] = i + 1
-    return label
-
-
-def _max_pairwise_iou(masks: np.ndarray) -> float:
-    flat = masks.reshape(len(masks), -1).astype(np.float32)
-    if len(flat) < 2:
-        return 0.0
-    inter = flat @ flat.T
-    area = flat.sum(1)
-    union = area[:, None] + area[None, :] - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1e-6), 0.0)
-    np.fill_diagonal(iou, 0.0)
-    return float(iou.max())

@@ -130,3 +130,47 @@ def test_reregistration_and_name_collisions(tmp_path):
     register_all_psalm_datasets()
     with pytest.raises(ValueError, match="already registered by another library"):
         register_lazy("coco_2017_val_panoptic", lambda: [], task="panoptic")  # a detectron2 builtin name
+
+
+def test_semantic_metadata_maps_every_class(root):
+    """Every set evaluated by SemSegEvaluator (semantic sets and panoptic runs) maps EVERY class in
+    stuff_dataset_id_to_contiguous_id (Mask2Former convention), so that a predicted thing class can be
+    written to sem_seg_predictions.json; the thing map keeps the things only, into the same K ids."""
+    from psalm.data.datasets import registered_psalm_names
+
+    checked = []
+    for name in registered_psalm_names():
+        meta = MetadataCatalog.get(name)
+        if meta.evaluator_type not in ("sem_seg", "coco_panoptic_seg", "ade20k_panoptic_seg"):
+            continue
+        k = len(meta.prompt_class_names)
+        stuff = meta.stuff_dataset_id_to_contiguous_id
+        # SemSegEvaluator looks every predicted label 0..K-1 up in the inverse of this map
+        assert len(meta.stuff_classes) == k and sorted(stuff.values()) == list(range(k)), name
+        is_thing = meta.prompt_is_thing
+        assert len(is_thing) == k, name
+        things = meta.get("thing_dataset_id_to_contiguous_id", {})
+        for dataset_id, cont in things.items():
+            assert stuff[dataset_id] == cont and is_thing[cont], (name, dataset_id)
+        if things or "thing_classes" in meta.as_dict():
+            assert sorted(things.values()) == [i for i in range(k) if is_thing[i]], name
+            assert meta.thing_classes == [n for n, t in zip(meta.prompt_class_names, is_thing) if t], name
+        checked.append(name)
+    for name in ("ade20k_sem_seg_val_psalm", "ade20k_panoptic_val_psalm", "coco_2017_val_panoptic_psalm",
+                 "coco_2017_val_semantic_psalm", "cityscapes_fine_sem_seg_val_psalm",
+                 "pascal_ctx_59_sem_seg_val_psalm", "pascal_voc_20_sem_seg_val_psalm", "psalm_synthetic_val_panoptic"):
+        assert name in checked, name
+    ade = MetadataCatalog.get("ade20k_panoptic_val_psalm")
+    assert ade.stuff_dataset_id_to_contiguous_id[7] == ade.thing_dataset_id_to_contiguous_id[7] == 7  # bed
+    assert len(ade.thing_dataset_id_to_contiguous_id) == 100 and ade.stuff_dataset_id_to_contiguous_id[0] == 0
+    coco = MetadataCatalog.get("coco_2017_val_panoptic_psalm")
+    assert sorted(coco.thing_dataset_id_to_contiguous_id.values()) == list(range(80))
+    assert len(coco.stuff_dataset_id_to_contiguous_id) == 133
+
+
+def test_panoptic_loader_keeps_isthing_with_the_full_stuff_map(root):
+    """The stuff map now holds the things too: panoptic segments must still get isthing from the thing map."""
+    make_coco(root)
+    pan = DatasetCatalog.get("coco_2017_val_panoptic_psalm")
+    isthing = {s["category_id"]: s["isthing"] for d in pan for s in d["segments_info"]}
+    assert isthing == {131: False, 0: True, 2: True}

@@ -1,6 +1,6 @@
 """Evaluators against independent references: hand-computed referring / gRefCOCO / interactive cases,
 J and F against esdft-segmetric (DAVIS toolkit functions), PQ against panopticapi's pq_compute and
-mask AP against pycocotools' COCOeval run directly."""
+mask AP (COCO instance sets; ADE20K panoptic thing AP) against pycocotools' COCOeval run directly."""
 import json
 import os
 
@@ -22,6 +22,7 @@ from psalm.evaluation import (
     DAVISEvaluator,
     GRESEvaluator,
     InteractiveEvaluator,
+    PanopticThingAPEvaluator,
     ReferringEvaluator,
     boundary_f_measure,
     build_evaluator,
@@ -30,7 +31,7 @@ from psalm.evaluation import (
 )
 from psalm.evaluation import base as eval_base
 
-from .dataset_fixtures import load_prepare_script, make_coco, make_davis
+from .dataset_fixtures import _json, _jpg, load_prepare_script, make_coco, make_davis
 
 H, W = 4, 5
 
@@ -328,3 +329,159 @@ def test_build_evaluator_dispatch_and_missing_files(tmp_path):
             ev.process([{"sample_id": "0/0"}], [{"instances": _inst()}])
     finally:
         register_all_psalm_datasets()
+
+
+# ----------------------------------------------------------------------------- ADE20K panoptic thing AP
+ADE_STEMS = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
+AH, AW = 24, 32
+BED, CABINET, PERSON = 7, 10, 12  # ADE-150 things; their ids in the 150-class space are not 0..T-1
+
+
+def _rle(m):
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def _box(y0, y1, x0, x1):
+    m = np.zeros((AH, AW), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def make_ade_panoptic(root, image_ids="stem"):
+    """ADEChallengeData2016 panoptic (json + PNGs) and instance json in Mask2Former's formats (category
+    ids: 0-based ADE-150; image ids: the file stem, or ``image_ids="int"`` 1..N as other tools write).
+    Returns {stem: [(ade_id, mask), ...]} of the thing instances."""
+    from psalm.data.class_names import load_categories
+
+    base = os.path.join(root, "ADEChallengeData2016")
+    things = {
+        ADE_STEMS[0]: [(BED, _box(4, 14, 6, 20)), (PERSON, _box(15, 23, 22, 30))],
+        ADE_STEMS[1]: [(CABINET, _box(2, 10, 2, 12)), (BED, _box(12, 22, 10, 28)), (PERSON, _box(1, 8, 20, 26))],
+        ADE_STEMS[2]: [],  # wall only
+    }
+    os.makedirs(os.path.join(base, "ade20k_panoptic_val"), exist_ok=True)
+    pan_anns, ins_anns, images = [], [], []
+    for i, stem in enumerate(ADE_STEMS):
+        _jpg(os.path.join(base, "images", "validation", stem + ".jpg"), AH, AW, seed=40 + i)
+        ids = np.ones((AH, AW), np.uint32)  # segment 1 = wall (ADE id 0, stuff)
+        segs = [{"id": 1, "category_id": 0, "iscrowd": 0}]
+        for j, (cat, m) in enumerate(things[stem]):
+            ids[m] = j + 2
+            segs.append({"id": j + 2, "category_id": cat, "iscrowd": 0})
+            ins_anns.append({"id": len(ins_anns) + 1, "image_id": stem if image_ids == "stem" else i + 1,
+                             "category_id": cat, "segmentation": _rle(m), "area": int(m.sum()),
+                             "bbox": [0, 0, 1, 1], "iscrowd": 0})
+        for s in segs:
+            s["area"] = int((ids == s["id"]).sum())
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(os.path.join(base, "ade20k_panoptic_val", stem + ".png"))
+        pan_anns.append({"image_id": stem, "file_name": stem + ".png", "segments_info": segs})
+        images.append({"id": stem if image_ids == "stem" else i + 1, "file_name": stem + ".jpg",
+                       "height": AH, "width": AW})
+    cats = load_categories("ade20k_150")
+    _json(os.path.join(base, "ade20k_panoptic_val.json"), {
+        "images": [dict(im, id=s) for im, s in zip(images, ADE_STEMS)], "annotations": pan_anns,
+        "categories": [{"id": c["id"], "name": c["raw_name"], "isthing": c["isthing"]} for c in cats]})
+    _json(os.path.join(base, "ade20k_instance_val.json"), {
+        "images": images, "annotations": ins_anns,
+        "categories": [{"id": c["id"], "name": c["raw_name"]} for c in load_categories("ade20k_150_instance")]})
+    return things
+
+
+@pytest.fixture
+def fresh_root(tmp_path):
+    root = str(tmp_path / "data")
+    os.makedirs(root)
+    yield root
+    register_all_psalm_datasets()
+
+
+@pytest.mark.parametrize("image_ids", ["stem", "int"])
+def test_ade20k_panoptic_thing_ap_matches_cocoeval(fresh_root, tmp_path, image_ids):
+    things = make_ade_panoptic(fresh_root, image_ids)
+    register_all_psalm_datasets(fresh_root)
+    name = "ade20k_panoptic_val_psalm"
+    meta = MetadataCatalog.get(name)
+    assert meta.thing_dataset_id_to_contiguous_id[BED] == 7  # things are not 0..99 in the 150-class space
+    ev = build_evaluator(_cfg(PANOPTIC_ON=False, SEMANTIC_ON=False), name, output_dir=str(tmp_path / "ap"),
+                         distributed=False)
+    assert isinstance(ev, PanopticThingAPEvaluator)
+    ev.reset()
+    rng = np.random.default_rng(1)
+    coco_gt = COCO(meta.json_file)
+    json_id = {os.path.splitext(im["file_name"])[0]: im["id"] for im in coco_gt.dataset["images"]}
+    to_dataset = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+    results = []
+    for d in DatasetCatalog.get(name):  # the panoptic dicts (image_id = file stem)
+        stem = d["image_id"]
+        masks, classes = [], []
+        for cat, m in things[stem]:
+            masks.append(np.roll(m, int(rng.integers(0, 3)), axis=int(rng.integers(0, 2))))
+            classes.append(meta.thing_dataset_id_to_contiguous_id[cat])
+        masks.append(_box(0, 6, 0, 6))  # a false positive (cabinet)
+        classes.append(CABINET)
+        masks.append(things[ADE_STEMS[0]][0][1])  # a bed-shaped "person"
+        classes.append(PERSON)
+        scores = rng.uniform(0.2, 1.0, len(masks)).tolist()
+        inst = Instances((AH, AW))
+        inst.pred_masks = torch.from_numpy(np.stack(masks))
+        inst.scores = torch.tensor(scores)
+        inst.pred_classes = torch.tensor(classes)
+        inst.pred_boxes = Boxes(torch.zeros(len(masks), 4))
+        ev.process([d], [{"instances": inst}])
+        assert inst.pred_classes.tolist() == classes  # the model output is not modified
+        for m, s, c in zip(masks, scores, classes):
+            results.append({"image_id": json_id[stem], "category_id": to_dataset[c], "segmentation": _rle(m),
+                            "score": s})
+    res = ev.evaluate()["segm"]
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="segm")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    assert res["AP"] == pytest.approx(100 * coco_eval.stats[0], abs=1e-9)
+    assert res["AP50"] == pytest.approx(100 * coco_eval.stats[1], abs=1e-9)
+    assert res["AP75"] == pytest.approx(100 * coco_eval.stats[2], abs=1e-9)
+    assert 0 < res["AP"] < 100
+    # per-category results carry the right names (view ranks follow the json's sorted category ids)
+    bed_name = meta.thing_classes[sorted(meta.thing_dataset_id_to_contiguous_id.values()).index(7)]
+    k = coco_eval.params.catIds.index(BED)
+    prec = coco_eval.eval["precision"][:, :, k, 0, -1]
+    assert res[f"AP-{bed_name}"] == pytest.approx(100 * prec[prec > -1].mean(), abs=1e-9)
+
+
+def test_ade20k_panoptic_thing_ap_errors(fresh_root, tmp_path, caplog):
+    import logging
+
+    name = "ade20k_panoptic_val_psalm"
+    register_all_psalm_datasets(fresh_root)  # nothing on disk: the instance json is missing
+    msg = "ade20k_instance_val.json.*prepare_ade20k_ins_seg.py.*INSTANCE_ON False"
+    with pytest.raises(MissingDatasetFileError, match=msg):
+        build_evaluator(_cfg(SEMANTIC_ON=False), name, output_dir=str(tmp_path / "a"))
+    with caplog.at_level(logging.WARNING, logger="psalm.evaluation.build"):
+        ev = build_evaluator(_cfg(INSTANCE_ON=False, SEMANTIC_ON=False), name, output_dir=str(tmp_path / "b"))
+    assert not isinstance(ev, PanopticThingAPEvaluator) and "INSTANCE_ON is False" in caplog.text
+
+    things = make_ade_panoptic(fresh_root)
+    register_all_psalm_datasets(fresh_root)
+    ev = PanopticThingAPEvaluator(name, distributed=False, output_dir=str(tmp_path / "c"))
+    ev.reset()
+    d = DatasetCatalog.get(name)[0]
+    inst = Instances((AH, AW))
+    inst.pred_masks = torch.from_numpy(np.stack([things[ADE_STEMS[0]][0][1]] * 2))
+    inst.scores = torch.tensor([0.9, 0.8])
+    inst.pred_boxes = Boxes(torch.zeros(2, 4))
+    inst.pred_classes = torch.tensor([BED, 0])  # 0 = wall, a stuff class
+    with pytest.raises(ValueError, match=r"class\(es\) \[0\].*not thing classes"):
+        ev.process([d], [{"instances": inst}])
+    inst.pred_classes = torch.tensor([BED, BED])
+    with pytest.raises(ValueError, match="not in its instance json"):
+        ev.process([{"file_name": "elsewhere/unknown.jpg", "image_id": "unknown"}], [{"instances": inst}])
+    # an instance json whose categories are not the panoptic thing classes is refused
+    path = MetadataCatalog.get(name).json_file
+    gt = json.load(open(path))
+    gt["categories"] = gt["categories"][:50]
+    json.dump(gt, open(path, "w"))
+    with pytest.raises(ValueError, match="has 50 categories, but the panoptic set has 100 thing classes"):
+        PanopticThingAPEvaluator(name, distributed=False)

@@ -261,3 +261,82 @@ def test_mapper_from_metadata():
     assert m.class_names == ["x", "y"] and m.ignore_label == 7 and m.image_size == S
     with pytest.raises(ValueError, match="unknown visual prompt type"):
         _mapper(**{"INPUT.INTERACTIVE_PROMPT_TYPES": ["dot"]})
+
+
+# ----------------------------------------------------------------------------- is_thing (category tasks)
+def test_is_thing_from_metadata_for_category_tasks(tmp_path):
+    """is_thing = the metadata's prompt_is_thing (K bools, class_names order) in every category-task
+    input; the panoptic post-processing reads it (stuff segments of one class are merged)."""
+    from detectron2.data import MetadataCatalog
+
+    from psalm.modeling.postprocessing import PSALMPostProcessor
+
+    _write_image(tmp_path / "img.png", 16, 32)
+    MetadataCatalog.get("_psalm_test_mapper_is_thing").set(
+        prompt_class_names=["person", "sky", "car", "road"], prompt_is_thing=[True, False, True, False])
+    m = PSALMDatasetMapper(_cfg(), is_train=False, dataset_name="_psalm_test_mapper_is_thing")
+    base = {"file_name": str(tmp_path / "img.png"), "height": 16, "width": 32}
+    for task in ("panoptic", "semantic", "instance"):
+        out = m(dict(base, task=task))
+        assert out["is_thing"] == [True, False, True, False] and out["class_names"][1] == "sky", task
+        out["is_thing"][0] = False  # each input gets its own list
+    assert m(dict(base, task="panoptic"))["is_thing"][0] is True
+    assert "is_thing" not in m(dict(base, task="referring", sentences=["x"]))
+
+    # the mapped input goes through panoptic post-processing; segments follow is_thing
+    torch.manual_seed(0)
+    q, k = 6, 4
+    inp = m(dict(base, task="panoptic"))
+    logits = torch.full((1, q, k + 1), -10.0)
+    for i in range(q):
+        logits[0, i, i % k] = 10.0  # query i -> class i % K, confident
+    masks = torch.full((1, q, S // 4, S // 4), -10.0)
+    for i in range(q):
+        masks[0, i, :, i * 2:(i + 1) * 2] = 10.0  # disjoint column bands
+    res = PSALMPostProcessor(panoptic_semantic_on=False, panoptic_instance_on=False)(
+        {"pred_masks": masks, "pred_class_logits": logits}, [inp])[0]
+    seg, infos = res["panoptic_seg"]
+    assert infos and all(s["isthing"] == inp["is_thing"][s["category_id"]] for s in infos)
+    cats = [s["category_id"] for s in infos]
+    assert cats.count(0) == 2 and cats.count(1) == 1  # queries 0, 4 = two persons; 1, 5 = one merged sky
+    del inp["is_thing"]
+    with pytest.raises(ValueError, match="is_thing.*prompt_is_thing"):
+        PSALMPostProcessor()({"pred_masks": masks, "pred_class_logits": logits}, [inp])
+
+
+def test_is_thing_errors_and_training():
+    from detectron2.data import MetadataCatalog
+
+    with pytest.raises(ValueError, match="is_thing has 2 entries for 3 class names"):
+        PSALMDatasetMapper(_cfg(), is_train=False, class_names=["a", "b", "c"], is_thing=[True, False])
+    with pytest.raises(ValueError, match="booleans"):
+        PSALMDatasetMapper(_cfg(), is_train=False, class_names=["a"], is_thing=["yes"])
+    with pytest.raises(ValueError, match="without class_names"):
+        PSALMDatasetMapper(_cfg(), is_train=False, is_thing=[True])
+    MetadataCatalog.get("_psalm_test_mapper_bad_is_thing").set(prompt_class_names=["a", "b"], prompt_is_thing=[True])
+    with pytest.raises(ValueError, match="prompt_is_thing must hold one bool per prompt_class_names"):
+        PSALMDatasetMapper(_cfg(), is_train=False, dataset_name="_psalm_test_mapper_bad_is_thing")
+    # a data set without prompt_is_thing: panoptic evaluation is refused, other tasks map
+    img = np.zeros((8, 8, 3), np.uint8)
+    m = _mapper(is_train=False)
+    with pytest.raises(ValueError, match="panoptic evaluation needs is_thing.*prompt_is_thing"):
+        m({"image": img, "task": "panoptic"})
+    assert "is_thing" not in m({"image": img, "task": "semantic"})
+
+
+def test_is_thing_for_registered_sets(tmp_path):
+    """The registered panoptic sets give the mapper their K flags (ADE-150: wall stuff, bed thing)."""
+    from psalm.data.datasets import register_all_psalm_datasets
+
+    register_all_psalm_datasets(str(tmp_path))
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        ade = PSALMDatasetMapper(_cfg(), is_train=False, dataset_name="ade20k_panoptic_val_psalm")(
+            {"image": img, "task": "panoptic"})
+        assert len(ade["is_thing"]) == len(ade["class_names"]) == 150 and sum(ade["is_thing"]) == 100
+        assert ade["is_thing"][0] is False and ade["is_thing"][7] is True  # wall, bed
+        coco = PSALMDatasetMapper(_cfg(), is_train=False, dataset_name="coco_2017_val_panoptic_psalm")(
+            {"image": img, "task": "panoptic"})
+        assert sum(coco["is_thing"]) == 80 and coco["is_thing"][:80] == [True] * 80
+    finally:
+        register_all_psalm_datasets()

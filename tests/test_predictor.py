@@ -15,7 +15,7 @@ from skimage import data as skdata
 
 from psalm.config import get_psalm_cfg
 from psalm.utils.image_io import load_image, read_image_rgb, to_rgb_uint8
-from psalm.utils.prompts import masks_from_label_map, parse_visual_prompts, rasterize_regions
+from psalm.utils.prompts import parse_visual_prompts, rasterize_regions
 from psalm.utils.visualizer import draw_prediction
 
 from .conftest import REPO_ROOT
@@ -119,15 +119,6 @@ def test_visual_prompts_parse_and_rasterize():
 def test_bad_visual_prompts(kwargs, match):
     with pytest.raises(ValueError, match=match):
         parse_visual_prompts((40, 60), **kwargs)
-
-
-def test_label_map_objects():
-    label = np.zeros((5, 5), np.uint8)
-    label[0, 0], label[4, 4], label[2, 2] = 1, 3, 255
-    ids, masks = masks_from_label_map(label)
-    assert ids == [1, 3] and masks.shape == (2, 5, 5) and masks[1][4, 4] and masks.sum() == 2
-    with pytest.raises(ValueError, match="no object"):
-        masks_from_label_map(np.zeros((5, 5), np.uint8))
 
 
 # ----------------------------------------------------------------------------------- overlays
@@ -379,15 +370,22 @@ def test_video_propagation(predictor):
     first[1, 200:280, 20:120] = True
     results = list(predictor.predict_video(frames, first))
     assert len(results) == 3
-    np.testing.assert_array_equal(results[0]["masks"], first)
-    for r in results:
-        assert r["masks"].shape == (2, 300, 400) and r["label_map"].shape == (300, 400)
-        assert set(np.unique(r["label_map"]).tolist()) <= {0, 1, 2}
-        assert not (r["masks"][0] & r["masks"][1]).any()  # painted: non-overlapping
-        assert r["scores"].shape == (2,)
+    np.testing.assert_array_equal(results[0].masks, first)
+    np.testing.assert_array_equal(results[0].label_map, first[0] * 1 + first[1] * 2)
+    for t, r in enumerate(results):
+        assert r.frame_index == t and r.object_ids == [1, 2]
+        assert r.masks.shape == (2, 300, 400) and r.label_map.shape == (300, 400)
+        assert set(np.unique(r.label_map).tolist()) <= {0, 1, 2}
+        assert r.scores.shape == (2,)
+    assert [r.prompt_frame for r in results][:2] == [-1, 0]
+    # a label map works as well and gives the same propagation
+    label = (first[0] * 1 + first[1] * 2).astype(np.uint8)
+    again = list(predictor.predict_video(frames, label))
+    for a, b in zip(results, again):
+        np.testing.assert_array_equal(a.label_map, b.label_map)
     with pytest.raises(ValueError, match="empty"):
         next(predictor.predict_video(frames, np.zeros((1, 300, 400), bool)))
-    with pytest.raises(ValueError, match="all frames must have the size"):
+    with pytest.raises(ValueError, match="must have the size"):
         list(predictor.predict_video([frames[0], COFFEE], first))
 
 

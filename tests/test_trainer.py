@@ -263,3 +263,114 @@ def test_two_processes_gloo_ddp(tmp_path):
 def test_two_processes_gloo_all_sharding_modes(tmp_path):
     """The same for DDP, ZeRO (sharded optimiser states) and FSDP (sharded everything)."""
     _check_two_processes(tmp_path, ("ddp", "zero", "fsdp"))
+
+
+# ----------------------------------------------------------------------------- the real PSALM (tiny)
+def _psalm_cfg(tmp_path, out="out", **solver):
+    from psalm.config import get_psalm_cfg
+    from psalm.data.datasets.synthetic import prepare_synthetic_for_cfg
+
+    from .conftest import REPO_ROOT
+
+    data = tmp_path / "data"
+    cfg = get_psalm_cfg(str(REPO_ROOT / "configs/tiny/psalm_synthetic.yaml"), [
+        "DATASETS.SYNTHETIC.ROOT", str(data), "DATASETS.SYNTHETIC.NUM_TRAIN", "8", "DATASETS.SYNTHETIC.NUM_VAL", "2",
+        "MODEL.PSALM.TOKENIZER", str(data / "tokenizer"), "DATASETS.TEST", "()", "DATASETS.TEST_TASKS", "[]",
+        "OUTPUT_DIR", str(tmp_path / out), "SOLVER.LOG_PERIOD", "1", "SOLVER.WARMUP_ITERS", "1",
+    ])
+    for k, v in solver.items():
+        setattr(cfg.SOLVER, k, v)
+    prepare_synthetic_for_cfg(cfg)
+    return cfg
+
+
+def _psalm_train(cfg, resume=False, crash_at=None, losses=None):
+    from psalm.engine import PSALMTrainer
+
+    seed_all_rng(cfg.SEED)
+    trainer = PSALMTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    if losses is not None:
+        trainer.register_hooks([_RecordLosses.make(losses)])
+    if crash_at is not None:
+        from detectron2.engine import HookBase
+
+        class Crash(HookBase):
+            def before_step(self):
+                if self.trainer.iter == crash_at:
+                    raise KeyboardInterrupt("simulated crash")
+
+        trainer.register_hooks([Crash()])
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    else:
+        trainer.train()
+    return trainer
+
+
+def test_psalm_tiny_trains_every_task_with_frozen_backbone_in_eval(tmp_path):
+    cfg = _psalm_cfg(tmp_path, MAX_ITER=4, CHECKPOINT_PERIOD=0)
+    cfg.MODEL.PSALM.FREEZE_BACKBONE = True
+    cfg.DATASETS.TRAIN_RATIOS = [1.0, 1.0, 1.0, 1.0]
+    trainer = _psalm_train(cfg)
+    assert trainer.model.training and not trainer.model.backbone.training
+    assert not any(p.requires_grad for p in trainer.model.backbone.parameters())
+    keys = set()
+    with open(tmp_path / "out" / "metrics.json") as f:
+        for line in f:
+            keys |= set(json.loads(line))
+    tasks = {k.split("/")[0] for k in keys if k.endswith("/total_loss")}
+    assert tasks and tasks <= {"panoptic", "referring", "gres", "interactive"}
+    assert any(k.endswith("/loss_mask") for k in keys) and any(k.endswith("/loss_dice") for k in keys)
+
+
+@pytest.mark.slow
+def test_psalm_tiny_resume_is_exact(tmp_path):
+    """The real tiny PSALM: crash after the checkpoint of iteration 3, resume, same weights as no crash."""
+    ref_losses, res_losses = {}, {}
+    ref = _psalm_train(_psalm_cfg(tmp_path, "ref", MAX_ITER=7, CHECKPOINT_PERIOD=4), losses=ref_losses)
+    _psalm_train(_psalm_cfg(tmp_path, "crash", MAX_ITER=7, CHECKPOINT_PERIOD=4), crash_at=5)
+    resumed = _psalm_train(_psalm_cfg(tmp_path, "crash", MAX_ITER=7, CHECKPOINT_PERIOD=4), resume=True,
+                           losses=res_losses)
+    assert resumed.start_iter == 4 and sorted(res_losses) == [4, 5, 6]
+    for it in (4, 5, 6):
+        assert res_losses[it] == pytest.approx(ref_losses[it], rel=1e-6)
+    torch.testing.assert_close(flat_params(resumed.model), flat_params(ref.model), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_train_net_killed_then_resumed_matches_uninterrupted(tmp_path):
+    """tools/train_net.py in a subprocess, SIGKILLed right after a checkpoint, then --resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO_ROOT
+
+    data = tmp_path / "data"
+    common = [sys.executable, str(REPO_ROOT / "tools/train_net.py"), "--config-file",
+              str(REPO_ROOT / "configs/tiny/psalm_synthetic.yaml")]
+    opts = ["DATASETS.SYNTHETIC.ROOT", str(data), "DATASETS.SYNTHETIC.NUM_TRAIN", "8",
+            "DATASETS.SYNTHETIC.NUM_VAL", "2", "MODEL.PSALM.TOKENIZER", str(data / "tokenizer"),
+            "DATASETS.TEST", "()", "DATASETS.TEST_TASKS", "[]", "SOLVER.MAX_ITER", "30",
+            "SOLVER.CHECKPOINT_PERIOD", "10", "SOLVER.WARMUP_ITERS", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(common + opts + ["OUTPUT_DIR", str(tmp_path / "ref")], check=True, env=env, cwd=REPO_ROOT,
+                   capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(common + opts + ["OUTPUT_DIR", str(out)], env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "model_0000009.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "model_0000009.pth").exists() and not (out / "model_final.pth").exists()
+    subprocess.run(common + ["--resume"] + opts + ["OUTPUT_DIR", str(out)], check=True, env=env, cwd=REPO_ROOT,
+                   capture_output=True)
+    a = torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)

@@ -202,7 +202,7 @@ class VideoObjectSegmenter:
             raise ValueError(f"TEST.PSALM.VIDEO.TOP_K must be >= 1, got {top_k}")
         if not 0.0 <= memory_iou_threshold <= 1.0:
             raise ValueError(f"TEST.PSALM.VIDEO.MEMORY_IOU_THRESHOLD must be in [0, 1], got {memory_iou_threshold}")
-        for name in ("encode_images", "build_prompts", "pool_regions", "run_llm", "read_conditions"):
+        for name in ("encode_images", "forward_segmentation"):
             if not hasattr(model, name):
                 raise TypeError(f"model must be a PSALM meta-architecture (no {name}()); got {type(model).__name__}")
         self.model = model
@@ -338,17 +338,8 @@ class VideoObjectSegmenter:
         inp = dict(inp, region_masks=prompt.masks)  # the prompt builder reads R from it
         with self._autocast():
             feats = model.encode_images([inp])
-            prompts = model.build_prompts([inp])
-            regions = model.pool_regions(prompt.image_tokens, [inp])  # pooled from the MEMORY frame
-            seq = model.sequence_assembler(
-                prompts, model.llm.get_input_embeddings(), feats["image_tokens"], model.mask_tokens, regions
-            )
-            hidden = model.run_llm(seq)
-            cond = model.read_conditions("interactive", hidden, seq, prompts)
-            out = model.predictor(
-                feats["multi_scale_features"], feats["mask_features"], cond.queries, cond.refer, cond.classes,
-                cond.regions,
-            )
+            feats["region_image_tokens"] = prompt.image_tokens  # prompts pooled from the MEMORY frame
+            out = model.forward_segmentation([inp], image_features=feats).outputs
         hw = (inp["height"], inp["width"])
         masks = resize_mask_logits(out["pred_masks"][0], (self.image_size, self.image_size), new_hw, hw).float()
         scores = interactive_scores(out["pred_region_logits"][0], masks)  # [R_p, Q]

@@ -4,7 +4,7 @@
 loaded on first use, so importing the predictor does not pull in the plotting stack.
 """
 from .image_io import load_image, read_image_rgb, to_rgb_uint8
-from .prompts import RegionPrompt, masks_from_label_map, parse_visual_prompts, rasterize_regions
+from .prompts import RegionPrompt, parse_visual_prompts, rasterize_regions
 
 __all__ = [
     "load_image",
@@ -13,7 +13,6 @@ __all__ = [
     "RegionPrompt",
     "parse_visual_prompts",
     "rasterize_regions",
-    "masks_from_label_map",
     "draw_prediction",
     "region_colors",
 ]

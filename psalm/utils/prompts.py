@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from psalm.data.visual_prompts import encode_rle, rasterize_prompt
 
-__all__ = ["RegionPrompt", "parse_visual_prompts", "rasterize_regions", "masks_from_label_map"]
+__all__ = ["RegionPrompt", "parse_visual_prompts", "rasterize_regions"]
 
 
 @dataclass(frozen=True)
@@ -210,18 +210,3 @@ def rasterize_regions(
         if not out[i].any():
             raise ValueError(f"region {i} ({region.kind}) rasterised to an empty mask")
     return out
-
-
-def masks_from_label_map(label_map: np.ndarray, ignore: Optional[Sequence[int]] = (0, 255)) -> Tuple[List[int], np.ndarray]:
-    """Object ids and bool masks [N, H, W] of an integer label map (DAVIS-style annotation PNG).
-
-    Values in ``ignore`` (background 0, void 255) are not objects. Raises ``ValueError`` when the
-    map is not 2-d or holds no object.
-    """
-    label_map = np.asarray(label_map)
-    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
-        raise ValueError(f"a label map must be an integer [H, W] array, got {label_map.dtype} {label_map.shape}")
-    ids = [int(v) for v in np.unique(label_map) if ignore is None or int(v) not in ignore]
-    if not ids:
-        raise ValueError("the label map has no object (every pixel is background 0 or void 255)")
-    return ids, np.stack([label_map == i for i in ids])

@@ -370,6 +370,9 @@ class PSALM(nn.Module):
 
         Args:
             image_features: optional :meth:`encode_images` output for these inputs (shared encoding).
+                It may also hold ``"region_image_tokens"`` [B, N, H]: the image tokens that the
+                visual prompts are pooled from when they were drawn on ANOTHER image (video object
+                segmentation pools frame t's prompts from the memory frame's encoding).
         """
         task = _batch_task(batched_inputs)
         if not T.is_segmentation_task(task):
@@ -380,7 +383,9 @@ class PSALM(nn.Module):
             image_features = {**image_features, **self._pixel_decoder(image_features["features"])}
         image_tokens = image_features["image_tokens"]
         prompts = self.build_prompts(batched_inputs)
-        regions = self.pool_regions(image_tokens, batched_inputs) if T.is_region_task(task) else None
+        regions = None
+        if T.is_region_task(task):
+            regions = self.pool_regions(image_features.get("region_image_tokens", image_tokens), batched_inputs)
         sequence = self.sequence_assembler(
             prompts, self.llm.get_input_embeddings(), image_tokens, self.mask_tokens, regions
         )

@@ -356,24 +356,9 @@ class PSALMPredictor:
         """Load ``MODEL.WEIGHTS`` with the project's ``DetectionCheckpointer`` (``PSALMCheckpointer``:
         ``weights_only`` torch files, safetensors, detectron2 .pkl); a checkpoint that leaves model
         parameters missing or mis-shaped is an error, not a silently half-random model."""
-        from psalm.engine.checkpoint import PSALMCheckpointer
+        from psalm.engine.checkpoint import load_model_weights
 
-        class _Recording(PSALMCheckpointer):
-            incompatible = None
-
-            def _load_model(self, checkpoint):
-                self.incompatible = super()._load_model(checkpoint)
-                return self.incompatible
-
-        checkpointer = _Recording(self.model)
-        checkpointer.load(path)
-        inc = checkpointer.incompatible
-        bad = list(inc.missing_keys) + [k for k, *_ in inc.incorrect_shapes] if inc is not None else []
-        if bad:
-            raise ValueError(
-                f"MODEL.WEIGHTS={path!r} leaves {len(bad)} model tensor(s) missing or mis-shaped, e.g. {bad[:5]}; "
-                "convert the checkpoint first (tools/convert_official.py) or check that the config matches it"
-            )
+        load_model_weights(self.model, path)
         self.model.eval()
 
     def _resize_regions(self, masks: np.ndarray, new_hw) -> torch.Tensor:

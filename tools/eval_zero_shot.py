@@ -48,7 +48,7 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from psalm.engine.checkpoint import load_model_weights  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -150,16 +150,6 @@ def check_dataset_task(task: str, dataset_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- model
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that keeps the incompatible keys of the last load."""
-
-    incompatible = None
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
-
 def build_model(cfg, allow_missing_keys: bool = False):
     """The PSALM model in eval mode with ``MODEL.WEIGHTS`` loaded (random weights, with a warning, if empty)."""
     from psalm.modeling.meta_arch import build_psalm_model
@@ -169,15 +159,10 @@ def build_model(cfg, allow_missing_keys: bool = False):
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: evaluating a randomly initialised model (metrics are meaningless)")
         return model
-    ckpt = _RecordingCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    ckpt.load(cfg.MODEL.WEIGHTS)
-    inc = ckpt.incompatible
-    if inc is not None and inc.missing_keys:
-        msg = (f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} leaves {len(inc.missing_keys)} model parameter(s) missing or "
-               f"mis-shaped, e.g. {inc.missing_keys[:5]}; convert the checkpoint first (tools/convert_official.py)")
-        if not allow_missing_keys:
-            raise ValueError(msg + ", or pass --allow-missing-keys to evaluate with those parameters random")
-        logger.warning(msg)
+    try:
+        load_model_weights(model, cfg.MODEL.WEIGHTS, allow_incomplete=allow_missing_keys)
+    except ValueError as e:
+        raise ValueError(f"{e}, or pass --allow-missing-keys to evaluate with those parameters random") from None
     model.eval()  # loading does not change the mode; kept explicit
     return model
 

@@ -22,7 +22,7 @@ import logging
 import os
 import pickle
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -31,7 +31,14 @@ from fvcore.common.checkpoint import _IncompatibleKeys, _strip_prefix_if_present
 
 from .distributed import is_fsdp, unwrap_model
 
-__all__ = ["atomic_save", "atomic_write_text", "PSALMCheckpointer", "PerRankState", "OptimizerState"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "PSALMCheckpointer",
+    "PerRankState",
+    "OptimizerState",
+    "load_model_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +153,11 @@ class OptimizerState:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # strict=False: parameters that never received a gradient (e.g. the heads of a task that has
+        # not been sampled yet) legitimately have no AdamW state
+        set_optimizer_state_dict(
+            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -213,7 +224,13 @@ class PSALMCheckpointer(DetectionCheckpointer):
             return loaded if "model" in loaded else {"model": loaded}
         return super()._load_file(filename)
 
+    last_incompatible: Optional[_IncompatibleKeys] = None  # of the last load, for callers that must check it
+
     def _load_model(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
+        self.last_incompatible = self._load_model_impl(checkpoint)
+        return self.last_incompatible
+
+    def _load_model_impl(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
         if not is_fsdp(self.wrapped_model):
             return super()._load_model(checkpoint)
         if checkpoint.get("matching_heuristics", False):
@@ -234,3 +251,26 @@ class PSALMCheckpointer(DetectionCheckpointer):
             unexpected_keys=sorted(set(sd) - set(shapes)),
             incorrect_shapes=incorrect,
         )
+
+
+def load_model_weights(model: torch.nn.Module, path: str, *, allow_incomplete: bool = False) -> _IncompatibleKeys:
+    """Load ``MODEL.WEIGHTS`` into ``model`` for inference / evaluation with :class:`PSALMCheckpointer`
+    (psalm ``.pth``, safetensors, detectron2 ``.pkl``).
+
+    A checkpoint that leaves model tensors missing or mis-shaped is a ``ValueError`` (a half-random
+    model gives silently wrong results) unless ``allow_incomplete``, which logs a warning instead.
+    """
+    checkpointer = PSALMCheckpointer(model)
+    checkpointer.load(path)
+    inc = checkpointer.last_incompatible
+    bad = (list(inc.missing_keys) + [k for k, *_ in inc.incorrect_shapes]) if inc is not None else []
+    if bad:
+        msg = (
+            f"MODEL.WEIGHTS={path!r} leaves {len(bad)} model tensor(s) missing or mis-shaped, e.g. {bad[:5]}; "
+            "convert the checkpoint first (tools/convert_official.py, tools/convert_mask2former.py) or check that "
+            "the config matches it"
+        )
+        if not allow_incomplete:
+            raise ValueError(msg)
+        logger.warning(msg + "; continuing with those tensors at their initial values")
+    return inc

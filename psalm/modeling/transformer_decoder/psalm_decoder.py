@@ -63,6 +63,13 @@ def _with_pos(x, pos):
     return x if pos is None else x + pos
 
 
+def _xavier_init(module: nn.Module) -> None:
+    """Mask2Former's initialisation of the decoder layers: Xavier-uniform for every matrix."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class SelfAttentionLayer(nn.Module):
     """Self-attention over the queries (batch-first [B, Q, D]); keys ``self_attn.*``, ``norm.*``."""
 
@@ -72,9 +79,7 @@ class SelfAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt, query_pos=None):
         x = self.norm(tgt) if self.normalize_before else tgt
@@ -92,9 +97,7 @@ class CrossAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt, memory, memory_mask=None, pos=None, query_pos=None):
         """tgt [B, Q, D]; memory, pos [B, HW, D]; memory_mask [B * heads, Q, HW] bool (True = masked)."""
@@ -120,9 +123,7 @@ class FFNLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.normalize_before = normalize_before
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_init(self)
 
     def forward(self, tgt):
         x = self.norm(tgt) if self.normalize_before else tgt

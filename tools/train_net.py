@@ -34,6 +34,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from psalm.config import get_psalm_cfg  # noqa: E402
 from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
+from psalm.engine.checkpoint import load_model_weights  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.train_net")
 
@@ -66,7 +67,11 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = PSALMTrainer.build_model(cfg)
-        PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        path = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
+        if not path:
+            raise ValueError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
+        load_model_weights(model, path)  # a checkpoint that leaves tensors missing is an error
         results = PSALMTrainer.test(cfg, model)
         _write_results(cfg, results)
         return results

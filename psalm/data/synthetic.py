@@ -409,6 +409,7 @@ def prepare_synthetic(root: str | None = None, spec: SyntheticSpec = SyntheticSp
                 for split in SPLITS:
                     logger.info("Generating synthetic split %r (%d images) in %s", split, spec.num_images(split), root)
                     tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=root)
+                    os.chmod(tmp, 0o755)  # mkdtemp makes it private
                     try:
                         _generate_split(spec, split, tmp)
                         final = split_dir(root, split)
@@ -455,6 +456,7 @@ def _prepare_tokenizer(root: str) -> str:
     path = os.path.join(root, "tokenizer")
     if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=root)
+        os.chmod(tmp, 0o755)
         try:
             save_synthetic_tokenizer(tmp)
             os.replace(tmp, path)

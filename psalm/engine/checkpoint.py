@@ -158,6 +158,15 @@ class OptimizerState:
         set_optimizer_state_dict(
             self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
         )
+        # set_optimizer_state_dict first initialises EVERY parameter's state with a zero-gradient step
+        # (AdamW: step=1). A parameter without state in the checkpoint must start fresh, as in the
+        # uninterrupted run, or its first real update would use the wrong bias correction.
+        names = _param_names(self.model)
+        saved = set(state.get("state", {}))
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if names.get(id(p)) not in saved:
+                    self.optimizer.state.pop(p, None)
 
 
 # ----------------------------------------------------------------------------- checkpointer

@@ -72,6 +72,7 @@ def _paths(root: str, split: str) -> dict:
 def _load_panoptic(name: str, p: dict) -> list[dict]:
     data = load_json(p["panoptic_json"], name, _PREPARE)
     isthing = {c["id"]: bool(c["isthing"]) for c in data["categories"]}
+    contiguous = {c["id"]: i for i, c in enumerate(syn.CATEGORIES)}
     images = {img["id"]: img for img in data["images"]}
     out = []
     for ann in data["annotations"]:
@@ -85,7 +86,7 @@ def _load_panoptic(name: str, p: dict) -> list[dict]:
             "pan_seg_file_name": os.path.join(p["panoptic_root"], ann["file_name"]),
             "sem_seg_file_name": os.path.join(p["sem_seg_root"], ann["file_name"]),
             "segments_info": [
-                dict(s, category_id=s["category_id"] - 1, isthing=isthing[s["category_id"]])
+                dict(s, category_id=contiguous[s["category_id"]], isthing=isthing[s["category_id"]])
                 for s in ann["segments_info"]
             ],
         })

@@ -218,3 +218,66 @@ def make_lvis(root: str) -> None:
             "categories": [{"id": 1, "name": "aerosol_can", "synonyms": ["aerosol_can", "spray_can"], "frequency": "c"}],
         })
     _jpg(os.path.join(root, "coco", "train2017", "000000000005.jpg"), 24, 32)
+
+
+def make_ade20k_instance_panoptic(root: str) -> dict:
+    """ADEChallengeData2016/{images,annotations,annotations_instance}/{training,validation}: 16x20 images.
+
+    Real release formats: ``annotations`` = uint8 ADE-150 label (0 other, k = class k - 1);
+    ``annotations_instance`` = RGB, R = instance-challenge class (1..100, the ADE-150 things in order:
+    1 = bed, 4 = person), G = instance id. validation: ``ADE_val_00000001`` (wall / floor stuff, a bed,
+    two persons, one of them over the floor, a chair painted only in the semantic label, an 'other'
+    pixel) and ``ADE_val_00000002`` (sky only); training: ``ADE_train_00000001`` (one person).
+    Returns, per stem, the drawn ``objects`` [(ade150 id, mask)] and the expected panoptic ``stuff``
+    masks {ade150 id: mask} and ``void`` mask.
+    """
+    base = os.path.join(root, "ADEChallengeData2016")
+    H, W = 16, 20
+    WALL, SKY, FLOOR, BED, PERSON, CHAIR = 0, 2, 3, 7, 12, 19  # 0-based ADE-150 ids
+    R_OF = {BED: 1, PERSON: 4}  # instance-challenge class ids (devkit / Mask2Former mapping)
+    out = {}
+
+    def box(y0, y1, x0, x1):
+        m = np.zeros((H, W), dtype=bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    def write(split, stem, sem, objects, seed):
+        _jpg(os.path.join(base, "images", split, stem + ".jpg"), H, W, seed=seed)
+        os.makedirs(os.path.join(base, "annotations", split), exist_ok=True)
+        Image.fromarray(sem).save(os.path.join(base, "annotations", split, stem + ".png"))
+        ins = np.zeros((H, W, 3), dtype=np.uint8)
+        for k, (cat, m) in enumerate(objects, start=1):
+            ins[m, 0] = R_OF[cat]
+            ins[m, 1] = k
+        ins[..., 2] = 7  # B is unused by the format: any value must be ignored
+        os.makedirs(os.path.join(base, "annotations_instance", split), exist_ok=True)
+        Image.fromarray(ins).save(os.path.join(base, "annotations_instance", split, stem + ".png"))
+
+    # validation image 1
+    sem = np.full((H, W), WALL + 1, dtype=np.uint8)
+    sem[12:, :] = FLOOR + 1
+    bed, p1, p2, chair = box(2, 8, 2, 8), box(4, 10, 12, 14), box(4, 13, 14, 16), box(0, 2, 18, 20)
+    sem[bed] = BED + 1
+    sem[box(4, 10, 12, 16)] = PERSON + 1  # p2's rows 10..12 stay wall / floor in the semantic label
+    sem[chair] = CHAIR + 1
+    sem[15, 0] = 0  # other
+    objects = [(BED, bed), (PERSON, p1), (PERSON, p2)]
+    write("validation", "ADE_val_00000001", sem, objects, 1)
+    things = bed | p1 | p2
+    out["ADE_val_00000001"] = {
+        "objects": objects,
+        "stuff": {WALL: (sem == WALL + 1) & ~things, FLOOR: (sem == FLOOR + 1) & ~things},
+        "void": chair | box(15, 16, 0, 1),
+    }
+    # validation image 2: stuff only, no object
+    write("validation", "ADE_val_00000002", np.full((H, W), SKY + 1, dtype=np.uint8), [], 2)
+    out["ADE_val_00000002"] = {"objects": [], "stuff": {SKY: np.ones((H, W), bool)}, "void": np.zeros((H, W), bool)}
+    # training image
+    sem = np.full((H, W), WALL + 1, dtype=np.uint8)
+    person = box(3, 9, 3, 9)
+    sem[person] = PERSON + 1
+    write("training", "ADE_train_00000001", sem, [(PERSON, person)], 3)
+    out["ADE_train_00000001"] = {"objects": [(PERSON, person)], "stuff": {WALL: ~person},
+                                 "void": np.zeros((H, W), bool)}
+    return out

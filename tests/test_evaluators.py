@@ -1,6 +1,7 @@
 """Evaluators against independent references: hand-computed referring / gRefCOCO / interactive cases,
 J and F against esdft-segmetric (DAVIS toolkit functions), PQ against panopticapi's pq_compute and
-mask AP (COCO instance sets; ADE20K panoptic thing AP) against pycocotools' COCOeval run directly."""
+mask AP (COCO instance sets; ADE20K panoptic thing AP) against pycocotools' COCOeval run directly, and
+LVIS mask AP against the lvis package's LVISEval run directly (our numpy-2 shim applied to both)."""
 import json
 import os
 
@@ -456,7 +457,7 @@ def test_ade20k_panoptic_thing_ap_errors(fresh_root, tmp_path, caplog):
 
     name = "ade20k_panoptic_val_psalm"
     register_all_psalm_datasets(fresh_root)  # nothing on disk: the instance json is missing
-    msg = "ade20k_instance_val.json.*prepare_ade20k_ins_seg.py.*INSTANCE_ON False"
+    msg = "ade20k_instance_val.json.*prepare_ade20k_instance.py.*INSTANCE_ON False"
     with pytest.raises(MissingDatasetFileError, match=msg):
         build_evaluator(_cfg(SEMANTIC_ON=False), name, output_dir=str(tmp_path / "a"))
     with caplog.at_level(logging.WARNING, logger="psalm.evaluation.build"):
@@ -485,3 +486,73 @@ def test_ade20k_panoptic_thing_ap_errors(fresh_root, tmp_path, caplog):
     json.dump(gt, open(path, "w"))
     with pytest.raises(ValueError, match="has 50 categories, but the panoptic set has 100 thing classes"):
         PanopticThingAPEvaluator(name, distributed=False)
+
+
+# ----------------------------------------------------------------------------- LVIS mask AP
+def _lvis_fixture(root):
+    """lvis/lvis_v1_val.json (LVIS v1 format: frequencies, neg / not-exhaustive ids) -> prepare_lvis.
+    Images 5, 6 (24x32); categories aerosol_can 1 (c), air_conditioner 2 (f), applesauce 13 (r)."""
+    rect = lambda x0, y0, x1, y1: {"segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],  # noqa: E731
+                                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0))}
+    images = [{"id": 5, "height": AH, "width": AW, "coco_url": "http://images.cocodataset.org/val2017/000000000005.jpg",
+               "neg_category_ids": [13], "not_exhaustive_category_ids": []},
+              {"id": 6, "height": AH, "width": AW, "coco_url": "http://images.cocodataset.org/val2017/000000000006.jpg",
+               "neg_category_ids": [2], "not_exhaustive_category_ids": [1]}]
+    anns = [dict(id=1, image_id=5, category_id=1, **rect(1, 1, 9, 9)),
+            dict(id=2, image_id=5, category_id=2, **rect(12, 2, 30, 20)),
+            dict(id=3, image_id=6, category_id=1, **rect(4, 4, 20, 18)),
+            dict(id=4, image_id=6, category_id=13, **rect(22, 2, 30, 10))]
+    cats = [{"id": 1, "name": "aerosol_can", "synonyms": ["aerosol_can"], "frequency": "c"},
+            {"id": 2, "name": "air_conditioner", "synonyms": ["air_conditioner"], "frequency": "f"},
+            {"id": 13, "name": "applesauce", "synonyms": ["applesauce"], "frequency": "r"}]
+    _json(os.path.join(root, "lvis", "lvis_v1_val.json"), {"images": images, "annotations": anns, "categories": cats})
+    for img in images:
+        _jpg(os.path.join(root, "coco", "val2017", f"{img['id']:012d}.jpg"), AH, AW, seed=img["id"])
+    load_prepare_script("prepare_lvis").main(["--root", root, "--splits", "val", "--log-level", "WARNING"])
+
+
+def _lvis_box(x0, y0, x1, y1, dx=0):
+    m = np.zeros((AH, AW), bool)
+    m[y0:y1, x0 + dx : x1 + dx] = True
+    return m
+
+
+def test_lvis_mask_ap_matches_lvis_eval(fresh_root, tmp_path):
+    from lvis import LVIS, LVISEval, LVISResults
+
+    _lvis_fixture(fresh_root)
+    register_all_psalm_datasets(fresh_root)
+    name = "lvis_v1_val_psalm"
+    meta = MetadataCatalog.get(name)
+    ev = build_evaluator(None, name, output_dir=str(tmp_path / "lvis"), distributed=False)
+    ev.reset()
+    # (dataset category id, mask, score): hits, a shifted hit, FPs on negative categories (count),
+    # an FP on a not-exhaustive category (ignored) and one on a category the image does not list (ignored)
+    preds = {
+        5: [(1, _lvis_box(1, 1, 9, 9, dx=1), 0.9), (2, _lvis_box(12, 2, 30, 20), 0.8),
+            (13, _lvis_box(0, 10, 8, 20), 0.7), (3, _lvis_box(2, 2, 6, 6), 0.95)],
+        6: [(1, _lvis_box(4, 4, 20, 18), 0.6), (1, _lvis_box(22, 12, 30, 20), 0.85), (2, _lvis_box(0, 0, 6, 6), 0.95),
+            (13, _lvis_box(22, 2, 30, 10, dx=2), 0.4), (13, _lvis_box(10, 19, 16, 24), 0.45)],
+    }
+    ref_results = []
+    for image_id, items in preds.items():
+        inst = Instances((AH, AW))
+        inst.pred_masks = torch.from_numpy(np.stack([m for _, m, _ in items]))
+        inst.scores = torch.tensor([s for _, _, s in items])
+        inst.pred_classes = torch.tensor([meta.thing_dataset_id_to_contiguous_id[c] for c, _, _ in items])
+        inst.pred_boxes = Boxes(torch.zeros(len(items), 4))
+        ev.process([{"image_id": image_id, "file_name": f"{image_id:012d}.jpg"}], [{"instances": inst}])
+        ref_results += [{"image_id": image_id, "category_id": c, "segmentation": _rle(m), "score": s}
+                        for c, m, s in items]
+    res = ev.evaluate()["segm"]
+    gt = LVIS(meta.json_file)
+    ref = LVISEval(gt, LVISResults(gt, ref_results, max_dets=300), "segm")
+    ref.run()
+    ref = ref.get_results()
+    for key in ("AP", "AP50", "AP75", "APr", "APc", "APf"):
+        assert res[key] == pytest.approx(100 * ref[key], abs=1e-9), key
+    assert 0 < res["AP"] < 100 and res["APf"] < 100 and res["AP50"] > res["AP75"]
+    # the shim is local to lvis.eval: numpy keeps its alias-free namespace
+    import lvis.eval
+
+    assert lvis.eval.np.float is float and lvis.eval.np.cumsum is np.cumsum and not hasattr(np, "float")

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import scipy.io
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -14,6 +14,7 @@ from psalm.data.datasets import register_all_psalm_datasets
 
 from .dataset_fixtures import (
     load_prepare_script,
+    make_ade20k_instance_panoptic,
     make_coco,
     make_davis,
     make_grefcoco,
@@ -233,3 +234,87 @@ def test_cityscapes(root):
     got = sorted((a["category_id"], a["iscrowd"]) for a in d["annotations"])
     assert got == [(0, 0), (2, 0), (2, 1)]  # person, car, car group; contiguous over the 8 things
     assert len(DatasetCatalog.get("cityscapes_fine_sem_seg_val_psalm")) == 1
+
+
+def _decode(rle):
+    return mask_utils.decode({"counts": rle["counts"].encode(), "size": rle["size"]}).astype(bool)
+
+
+def test_ade20k_instance_from_annotations_instance(root):
+    drawn = make_ade20k_instance_panoptic(root)
+    ade = os.path.join(root, "ADEChallengeData2016")
+    _run("prepare_ade20k_instance", "--root", root, "--workers", "1")
+    first = open(os.path.join(ade, "ade20k_instance_val.json")).read()
+    _run("prepare_ade20k_instance", "--root", root, "--splits", "val", "--workers", "2")
+    assert open(os.path.join(ade, "ade20k_instance_val.json")).read() == first, "output must not depend on --workers"
+    doc = json.loads(first)
+    cats = {c["id"]: c for c in doc["categories"]}
+    assert len(cats) == 100 and cats[7]["name"].startswith("bed") and cats[12]["name"].startswith("person")
+
+    meta = MetadataCatalog.get("ade20k_instance_val_psalm")
+    dicts = {d["image_id"]: d for d in DatasetCatalog.get("ade20k_instance_val_psalm")}
+    assert set(dicts) == {"ADE_val_00000001", "ADE_val_00000002"}
+    assert dicts["ADE_val_00000002"]["annotations"] == []  # images without objects are kept
+    d = dicts["ADE_val_00000001"]
+    assert (d["height"], d["width"]) == (16, 20) and d["task"] == "instance"
+    assert d["file_name"].endswith(os.path.join("images", "validation", "ADE_val_00000001.jpg"))
+    objs = drawn["ADE_val_00000001"]["objects"]
+    assert len(d["annotations"]) == len(objs) == 3
+    for ann, (cat, mask) in zip(d["annotations"], objs):
+        assert meta.thing_dataset_id_to_contiguous_id[cat] == ann["category_id"]
+        np.testing.assert_array_equal(_decode(ann["segmentation"]), mask)
+        ys, xs = np.nonzero(mask)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
+    # R = 1 is bed, R = 4 is person (contiguous 0 and 3 of the 100 things)
+    assert [a["category_id"] for a in d["annotations"]] == [0, 3, 3]
+    assert meta.thing_classes[3].startswith("person")
+    train = DatasetCatalog.get("ade20k_instance_train_psalm")
+    assert len(train) == 1 and [a["category_id"] for a in train[0]["annotations"]] == [3]
+
+
+def test_ade20k_panoptic_from_semantic_and_instances(root):
+    drawn = make_ade20k_instance_panoptic(root)
+    ade = os.path.join(root, "ADEChallengeData2016")
+    _run("prepare_ade20k_panoptic", "--root", root, "--workers", "1")
+    doc = json.load(open(os.path.join(ade, "ade20k_panoptic_val.json")))
+    assert len(doc["categories"]) == 150 and sum(c["isthing"] for c in doc["categories"]) == 100
+
+    dicts = DatasetCatalog.get("ade20k_panoptic_val_psalm") + DatasetCatalog.get("ade20k_panoptic_train_psalm")
+    assert {d["image_id"] for d in dicts} == set(drawn)
+    for d in dicts:
+        exp = drawn[d["image_id"]]
+        assert d["task"] == "panoptic" and os.path.basename(d["file_name"]) == d["image_id"] + ".jpg"
+        assert d["sem_seg_file_name"].endswith(os.path.join("annotations_detectron2", os.path.basename(
+            os.path.dirname(d["file_name"])), d["image_id"] + ".png"))
+        rgb = np.asarray(Image.open(d["pan_seg_file_name"]).convert("RGB"), dtype=np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        segs = d["segments_info"]
+        assert len({s["id"] for s in segs}) == len(segs) and all(s["id"] != 0 for s in segs)
+        got_things = [(s["category_id"], ids == s["id"]) for s in segs if s["isthing"]]
+        got_stuff = {s["category_id"]: ids == s["id"] for s in segs if not s["isthing"]}
+        # ADE-150 contiguous ids are the dataset ids; things keep the instance PNG's object order
+        assert [c for c, _ in got_things] == [c for c, _ in exp["objects"]]
+        for (_, got), (_, want) in zip(got_things, exp["objects"]):
+            np.testing.assert_array_equal(got, want)
+        assert set(got_stuff) == set(exp["stuff"])
+        for cat, want in exp["stuff"].items():
+            np.testing.assert_array_equal(got_stuff[cat], want)
+        np.testing.assert_array_equal(ids == 0, exp["void"])
+        for s in segs:
+            assert s["area"] == (ids == s["id"]).sum() and s["iscrowd"] == 0
+    val1 = next(d for d in dicts if d["image_id"] == "ADE_val_00000001")
+    assert sorted(s["category_id"] for s in val1["segments_info"]) == [0, 3, 7, 12, 12]
+
+
+def test_ade20k_instance_png_errors(root):
+    make_ade20k_instance_panoptic(root)
+    png = os.path.join(root, "ADEChallengeData2016", "annotations_instance", "validation", "ADE_val_00000002.png")
+    bad = np.zeros((16, 20, 3), np.uint8)
+    bad[0, 0] = (101, 1, 0)  # class 101 does not exist in the 100-class instance label space
+    Image.fromarray(bad).save(png)
+    with pytest.raises(ValueError, match="instance 1 has class id"):
+        _run("prepare_ade20k_instance", "--root", root, "--splits", "val", "--workers", "1")
+    os.remove(png)
+    with pytest.raises(FileNotFoundError, match="annotations_instance"):
+        _run("prepare_ade20k_panoptic", "--root", root, "--splits", "val", "--workers", "1")

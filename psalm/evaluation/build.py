@@ -101,9 +101,13 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | None = None, distr
         except ImportError as e:
             raise ImportError(
                 f"'{dataset_name}' is evaluated with detectron2's LVISEvaluator, which needs the 'lvis' package "
-                "(pip install lvis)"
+                "(pip install -c scripts/constraints.txt lvis==0.5.3)"
             ) from e
         from detectron2.evaluation import LVISEvaluator
+
+        from .lvis_compat import patch_lvis_numpy_aliases
+
+        patch_lvis_numpy_aliases()  # lvis 0.5.3 calls np.float, gone since numpy 1.24
 
         evaluators.append(LVISEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir))
     else:

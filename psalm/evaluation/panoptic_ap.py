@@ -8,7 +8,7 @@ be 0..T-1: ADE20K-150's 100 things are interleaved with stuff (``bed`` is 7). de
 
 * registers a metadata-only view ``<dataset>/thing_ap_view`` (:func:`thing_ap_view`) with the
   panoptic set's instance annotations (``json_file``: ``instances_*2017.json`` for COCO, the json of
-  Mask2Former's ``prepare_ade20k_ins_seg.py`` for ADE20K), ``thing_classes`` and
+  ``datasets/prepare_ade20k_instance.py`` for ADE20K), ``thing_classes`` and
   ``thing_dataset_id_to_contiguous_id`` = {data-set id: rank 0..T-1 in data-set-id order};
 * turns the ``pred_classes`` of each thing-only ``instances`` output from the K-class space into
   that rank, and each input's ``image_id`` into the id the instance json gives the same image file

@@ -12,6 +12,7 @@ import os
 from typing import Callable, Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +109,21 @@ def category_id_maps(categories: Iterable[dict]) -> tuple[dict[int, int], dict[i
 
 def log_loaded(name: str, n: int, what: str = "samples") -> None:
     logger.info("Loaded %d %s for data set '%s'", n, what, name)
+
+
+def coco_annotation_to_d2(ann: dict, category_id: int, **extra) -> dict:
+    """One COCO annotation (``segmentation`` polygons / RLE, XYWH ``bbox``) as a detectron2 dataset-dict
+    annotation with the contiguous ``category_id``; ``extra`` fields are added as given. The input
+    is not modified (``area`` is kept when present)."""
+    obj = {
+        "id": ann.get("id"),
+        "segmentation": ann["segmentation"],
+        "bbox": ann["bbox"],
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": category_id,
+        "iscrowd": int(ann.get("iscrowd", 0)),
+    }
+    if "area" in ann:
+        obj["area"] = ann["area"]
+    obj.update(extra)
+    return obj

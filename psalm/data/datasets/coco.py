@@ -17,11 +17,19 @@ from __future__ import annotations
 import os
 
 from detectron2.data.datasets.coco import load_sem_seg
-from detectron2.structures import BoxMode
 
 from psalm.data.class_names import load_categories
 
-from ._common import category_id_maps, contiguous_map, datasets_root, load_json, log_loaded, register_lazy, require_path
+from ._common import (
+    category_id_maps,
+    coco_annotation_to_d2,
+    contiguous_map,
+    datasets_root,
+    load_json,
+    log_loaded,
+    register_lazy,
+    require_path,
+)
 
 COCO_DOWNLOAD = "download COCO 2017 images and annotations (see datasets/README.md, 'COCO')"
 COCO_SEMSEG_PREPARE = "python datasets/prepare_coco_semantic_from_panoptic.py"
@@ -97,17 +105,7 @@ def load_coco_instances_json(
                     f"Data set '{dataset_name}': annotation {ann.get('id')} in {json_file!r} has category "
                     f"{cat}, which is not in the registered label space; wrong annotation file?"
                 )
-            obj = {
-                "id": ann.get("id"),
-                "segmentation": ann["segmentation"],
-                "bbox": ann["bbox"],
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": id_map[cat] if id_map is not None else cat,
-                "iscrowd": int(ann.get("iscrowd", 0)),
-            }
-            if "area" in ann:
-                obj["area"] = ann["area"]
-            objs.append(obj)
+            objs.append(coco_annotation_to_d2(ann, id_map[cat] if id_map is not None else cat))
         out.append(
             {
                 "file_name": os.path.join(image_root, img[file_name_key]),

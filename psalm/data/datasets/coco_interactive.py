@@ -20,11 +20,18 @@ from __future__ import annotations
 import logging
 import os
 
-from detectron2.structures import BoxMode
 
 from psalm.data.class_names import load_categories
 
-from ._common import contiguous_map, datasets_root, load_json, log_loaded, register_lazy, require_path
+from ._common import (
+    coco_annotation_to_d2,
+    contiguous_map,
+    datasets_root,
+    load_json,
+    log_loaded,
+    register_lazy,
+    require_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +64,9 @@ def load_coco_interactive(json_file: str, image_root: str, dataset_name: str, pr
                 n_dropped += 1
                 continue
             objs.append(
-                {
-                    "id": a["id"],
-                    "segmentation": a["segmentation"],
-                    "bbox": a["bbox"],
-                    "bbox_mode": BoxMode.XYWH_ABS,
-                    "category_id": id_map[int(a["category_id"])],
-                    "iscrowd": int(a.get("iscrowd", 0)),
-                    "visual_prompts": {k: dict(v) for k, v in prompts.items()},
-                }
+                coco_annotation_to_d2(
+                    a, id_map[int(a["category_id"])], visual_prompts={k: dict(v) for k, v in prompts.items()}
+                )
             )
         if not objs:
             continue

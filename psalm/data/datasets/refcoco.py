@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import os
 
-from detectron2.structures import BoxMode
 
 from psalm.data.class_names import load_categories
 
-from ._common import contiguous_map, datasets_root, load_json, log_loaded, register_lazy, require_path
+from ._common import (
+    coco_annotation_to_d2,
+    contiguous_map,
+    datasets_root,
+    load_json,
+    log_loaded,
+    register_lazy,
+    require_path,
+)
 
 REFCOCO_SPLITS = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -75,16 +82,7 @@ def load_referring_json(
         objs = []
         for ann_id in ref["ann_ids"]:
             a = anns[ann_id]
-            objs.append(
-                {
-                    "id": a["id"],
-                    "segmentation": a["segmentation"],
-                    "bbox": a["bbox"],
-                    "bbox_mode": BoxMode.XYWH_ABS,
-                    "category_id": id_map[int(a["category_id"])],
-                    "iscrowd": int(a.get("iscrowd", 0)),
-                }
-            )
+            objs.append(coco_annotation_to_d2(a, id_map[int(a["category_id"])]))
         base = {
             "file_name": os.path.join(image_root, img["file_name"]),
             "height": img["height"],

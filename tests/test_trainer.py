@@ -30,10 +30,11 @@ class _RecordLosses:
         return Record()
 
 
-def _train(cfg, resume=False, crash_at=None, losses=None):
-    """Build a trainer (seeded as default_setup does), optionally crash before iteration ``crash_at``."""
+def _train(cfg, resume=False, crash_at=None, losses=None, trainer_cls=None):
+    """Build a trainer (seeded as default_setup does), optionally crash before iteration ``crash_at``.
+    ``trainer_cls`` defaults to the stand-in model's trainer."""
     seed_all_rng(cfg.SEED)
-    trainer = StandInTrainer(cfg)
+    trainer = (trainer_cls or StandInTrainer)(cfg)
     trainer.resume_or_load(resume=resume)
     if losses is not None:
         trainer.register_hooks([_RecordLosses.make(losses)])
@@ -312,28 +313,10 @@ def _psalm_cfg(tmp_path, out="out", **solver):
     return cfg
 
 
-def _psalm_train(cfg, resume=False, crash_at=None, losses=None):
+def _psalm_train(cfg, **kwargs):
     from psalm.engine import PSALMTrainer
 
-    seed_all_rng(cfg.SEED)
-    trainer = PSALMTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    if losses is not None:
-        trainer.register_hooks([_RecordLosses.make(losses)])
-    if crash_at is not None:
-        from detectron2.engine import HookBase
-
-        class Crash(HookBase):
-            def before_step(self):
-                if self.trainer.iter == crash_at:
-                    raise KeyboardInterrupt("simulated crash")
-
-        trainer.register_hooks([Crash()])
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train()
-    else:
-        trainer.train()
-    return trainer
+    return _train(cfg, trainer_cls=PSALMTrainer, **kwargs)
 
 
 def test_psalm_tiny_trains_every_task_with_frozen_backbone_in_eval(tmp_path):

@@ -188,6 +188,9 @@ def _add_data_config(cfg):
     cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 128
     cfg.DATASETS.SYNTHETIC.NUM_TRAIN = 400
     cfg.DATASETS.SYNTHETIC.NUM_VAL = 40
+    # half-extent ranges of "small" / "large" objects as fractions of IMAGE_SIZE
+    cfg.DATASETS.SYNTHETIC.SMALL_RADIUS = [0.08, 0.10]
+    cfg.DATASETS.SYNTHETIC.LARGE_RADIUS = [0.15, 0.19]
 
 
 def _add_solver_config(cfg):

@@ -81,7 +81,8 @@ def _measured_objects(root, split, image_id):
         out[a["id"]] = {
             "shape": names[seg["category_id"]],
             "color": min(palette, key=lambda c: np.abs(palette[c] - mean).sum()),
-            "size": "small" if extent < 0.19 * SPEC.image_size else "large",
+            # between the largest small object (2 * small_radius[1]) and the smallest large one
+            "size": "small" if extent < (SPEC.small_radius[1] + SPEC.large_radius[0]) * SPEC.image_size else "large",
             "bbox": (xx.min(), yy.min(), xx.max(), yy.max()),
             "center": (xx.mean(), yy.mean()),
         }
@@ -202,3 +203,28 @@ def test_registered_datasets_load_and_map(root):
             assert out["region_masks"].shape[0] == len(out["instances"])
     pan = MetadataCatalog.get("psalm_synthetic_val_panoptic")
     assert os.path.isfile(pan.panoptic_json) and os.path.isdir(pan.panoptic_root)
+
+
+def test_object_sizes_follow_the_spec_and_bad_sizes_are_refused():
+    """Radii come from ``small_radius`` / ``large_radius`` (config: DATASETS.SYNTHETIC.*_RADIUS)."""
+    from psalm.config import get_psalm_cfg
+    from psalm.data.datasets.synthetic import synthetic_spec_from_cfg
+
+    spec = syn.SyntheticSpec(seed=5, small_radius=(0.05, 0.06), large_radius=(0.2, 0.22))
+    for i in range(6):
+        _, objects, _ = syn.generate_scene(spec, "train", i)
+        for o in objects:
+            extent = max(o["bbox"][2] - o["bbox"][0], o["bbox"][3] - o["bbox"][1]) + 1
+            lo, hi = spec.small_radius if o["size"] == "small" else spec.large_radius
+            # a shape of half-extent r spans 2r pixels (+1 for the rasterised centre, +-1 rounding)
+            assert 2 * lo * spec.image_size - 2 <= extent <= 2 * hi * spec.image_size + 2, (o["size"], extent)
+    with pytest.raises(ValueError, match="overlaps"):
+        syn.SyntheticSpec(small_radius=(0.08, 0.16), large_radius=(0.15, 0.19))
+    with pytest.raises(ValueError, match="large_radius"):
+        syn.SyntheticSpec(large_radius=(0.2, 0.4))
+    cfg = get_psalm_cfg()
+    cfg.DATASETS.SYNTHETIC.SMALL_RADIUS = [0.05, 0.06]
+    spec = synthetic_spec_from_cfg(cfg)
+    assert spec.small_radius == (0.05, 0.06) and spec.large_radius == tuple(cfg.DATASETS.SYNTHETIC.LARGE_RADIUS)
+    # the spec is part of the manifest: other sizes regenerate the data
+    assert spec.to_json()["small_radius"] == [0.05, 0.06]

@@ -166,7 +166,8 @@ def register_synthetic(root: str | None = None, spec: syn.SyntheticSpec | None =
 
 def synthetic_spec_from_cfg(cfg) -> syn.SyntheticSpec:
     s = cfg.DATASETS.SYNTHETIC
-    return syn.SyntheticSpec(seed=s.SEED, image_size=s.IMAGE_SIZE, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL)
+    return syn.SyntheticSpec(seed=s.SEED, image_size=s.IMAGE_SIZE, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
+                             small_radius=tuple(s.SMALL_RADIUS), large_radius=tuple(s.LARGE_RADIUS))
 
 
 def prepare_synthetic_for_cfg(cfg) -> str | None:

@@ -12,23 +12,20 @@ class 1..100, G = instance id). Each object becomes one annotation with a COCO R
 
 import functools
 import glob
-import multiprocessing as mp
 import os
 
 from PIL import Image
-from tqdm import tqdm
 
 from psalm.data.datasets.ade20k import (
+    ADE_SPLIT_DIRS as SPLITS,
+    INSTANCE_SOURCE,
     ade20k_instance_metadata,
     instance_challenge_class_map,
     mask_bbox_xywh,
     read_instance_png,
 )
-from psalm.data.datasets.prepare_utils import prepare_parser, require_input, setup_logging, write_json
+from psalm.data.datasets.prepare_utils import map_items, prepare_parser, require_input, setup_logging, write_json
 from psalm.data.visual_prompts import encode_rle
-
-SPLITS = {"train": "training", "val": "validation"}
-INSTANCE_SOURCE = "the ADE20K instance annotations (annotations_instance/, SceneParsing instance challenge release)"
 
 
 def instance_categories() -> list[dict]:
@@ -74,13 +71,7 @@ def convert_split(base: str, split: str, workers: int = 1) -> dict:
     instance_dir = require_input(os.path.join(base, "annotations_instance", dirname), INSTANCE_SOURCE, is_dir=True)
     files = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
     work = functools.partial(image_record, instance_dir=instance_dir, class_map=instance_challenge_class_map())
-    if workers > 1:
-        with mp.Pool(workers) as pool:
-            records = list(
-                tqdm(pool.imap(work, files, chunksize=16), total=len(files), desc=f"ade20k instance {split}")
-            )
-    else:
-        records = [work(f) for f in tqdm(files, desc=f"ade20k instance {split}")]
+    records = map_items(work, files, workers, desc=f"ade20k instance {split}")
     images, annotations = [], []
     for image, anns in records:  # sorted file order, whatever --workers: deterministic ids
         images.append(image)

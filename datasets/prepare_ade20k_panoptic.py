@@ -20,19 +20,22 @@ JSON (``images`` / ``annotations`` with ``segments_info`` / all 150 ``categories
 
 import functools
 import glob
-import multiprocessing as mp
 import os
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from psalm.data.datasets.ade20k import ade20k_metadata, instance_challenge_class_map, mask_bbox_xywh, read_instance_png
-from psalm.data.datasets.prepare_utils import prepare_parser, require_input, setup_logging, write_json
+from psalm.data.datasets.ade20k import ADE_SPLIT_DIRS as SPLITS
+from psalm.data.datasets.ade20k import (
+    INSTANCE_SOURCE,
+    ade20k_metadata,
+    instance_challenge_class_map,
+    mask_bbox_xywh,
+    read_instance_png,
+)
+from psalm.data.datasets.prepare_utils import map_items, prepare_parser, require_input, setup_logging, write_json
 
-SPLITS = {"train": "training", "val": "validation"}
 SEGMENT_ID_STRIDE = 1000
-INSTANCE_SOURCE = "the ADE20K instance annotations (annotations_instance/, SceneParsing instance challenge release)"
 SEMANTIC_SOURCE = "ADEChallengeData2016.zip (SceneParsing)"
 
 
@@ -140,13 +143,7 @@ def convert_split(base: str, split: str, workers: int = 1) -> dict:
         is_thing=[bool(c["isthing"]) for c in categories],
     )
     files = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
-    if workers > 1:
-        with mp.Pool(workers) as pool:
-            records = list(
-                tqdm(pool.imap(work, files, chunksize=16), total=len(files), desc=f"ade20k panoptic {split}")
-            )
-    else:
-        records = [work(f) for f in tqdm(files, desc=f"ade20k panoptic {split}")]
+    records = map_items(work, files, workers, desc=f"ade20k panoptic {split}")
     return {
         "info": {
             "source": f"ADEChallengeData2016 annotations + annotations_instance/{dirname}",

@@ -17,15 +17,13 @@ evaluate on exactly the prompts the paper used.
     python datasets/prepare_coco_interactive.py --split val [--seed 0] [--workers 2]
 """
 import functools
-import multiprocessing as mp
 import os
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from psalm.data.datasets.coco_interactive import PROMPT_TYPES, interactive_json_path
-from psalm.data.datasets.prepare_utils import prepare_parser, read_json, setup_logging, write_json
+from psalm.data.datasets.prepare_utils import map_items, prepare_parser, read_json, setup_logging, write_json
 from psalm.data.visual_prompts import generate_visual_prompts, rle_area
 
 OFFICIAL_KEYS = {t: f"{t}_visual_prompt_mask" for t in PROMPT_TYPES}
@@ -66,11 +64,7 @@ def generate(instances: dict, seed: int, min_area: int = 5, include_crowd: bool 
         items = items[:max_images]
     work = functools.partial(prompts_for_image, seed=seed, min_area=min_area)
     images, annotations = [], []
-    if workers > 1:
-        with mp.Pool(workers) as pool:
-            results = list(tqdm(pool.imap(work, items, chunksize=8), total=len(items), desc="prompts"))
-    else:
-        results = [work(it) for it in tqdm(items, desc="prompts")]
+    results = map_items(work, items, workers, desc="prompts", chunksize=8)
     for img, anns in results:
         if anns:
             images.append({k: img[k] for k in ("id", "file_name", "height", "width")})

@@ -8,15 +8,13 @@ order of ``psalm/data/class_names/coco_panoptic.json`` (things first), 255 = unl
     python datasets/prepare_coco_semantic_from_panoptic.py [--root DIR] [--splits train val] [--workers 4]
 """
 import functools
-import multiprocessing as mp
 import os
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from psalm.data.class_names import load_categories
-from psalm.data.datasets.prepare_utils import prepare_parser, read_json, require_input, setup_logging
+from psalm.data.datasets.prepare_utils import map_items, prepare_parser, read_json, require_input, setup_logging
 
 
 def panoptic_to_semantic(pan_png: str, out_png: str, segments: list, id_map: dict) -> None:
@@ -56,13 +54,7 @@ def main(argv=None):
         os.makedirs(out_dir, exist_ok=True)
         work = functools.partial(_work, pan_dir=pan_dir, out_dir=out_dir, id_map=id_map)
         anns = data["annotations"]
-        if args.workers > 1:
-            with mp.Pool(args.workers) as pool:
-                for _ in tqdm(pool.imap_unordered(work, anns, chunksize=16), total=len(anns), desc=split):
-                    pass
-        else:
-            for ann in tqdm(anns, desc=split):
-                work(ann)
+        map_items(work, anns, args.workers, desc=split)
         log.info("%s: wrote %d semantic PNGs to %s", split, len(anns), out_dir)
 
 

@@ -13,13 +13,18 @@ turns is removed and one ``<image>\\n`` is put at the start of the first human t
     python datasets/prepare_llava.py --kind instruction [--input FILE] [--output FILE] [--workers 4]
 """
 import functools
-import multiprocessing as mp
 import os
 
 from PIL import Image
-from tqdm import tqdm
 
-from psalm.data.datasets.prepare_utils import prepare_parser, read_json, require_input, setup_logging, write_json
+from psalm.data.datasets.prepare_utils import (
+    map_items,
+    prepare_parser,
+    read_json,
+    require_input,
+    setup_logging,
+    write_json,
+)
 
 IMAGE_TOKEN = "<image>"
 DEFAULTS = {  # kind -> (input, image folder, output), relative to <root>/llava
@@ -82,11 +87,7 @@ def main(argv=None):
     image_root = require_input(args.image_root or os.path.join(base, img), "the LLaVA images", is_dir=True)
     samples = read_json(src, f"LLaVA {args.kind} JSON")
     work = functools.partial(check_sample, image_root=image_root, verify=args.verify)
-    if args.workers > 1:
-        with mp.Pool(args.workers) as pool:
-            results = list(tqdm(pool.imap(work, samples, chunksize=64), total=len(samples), desc="images"))
-    else:
-        results = [work(s) for s in tqdm(samples, desc="images")]
+    results = map_items(work, samples, args.workers, desc="images", chunksize=64)
     kept = [r for r, _ in results if r is not None]
     reasons = {}
     for _, why in results:

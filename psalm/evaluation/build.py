@@ -96,18 +96,13 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | None = None, distr
     elif et == "davis":
         evaluators.append(DAVISEvaluator(dataset_name, distributed, output_dir))
     elif et == "lvis":
-        try:
-            import lvis  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                f"'{dataset_name}' is evaluated with detectron2's LVISEvaluator, which needs the 'lvis' package "
-                "(pip install -c scripts/constraints.txt lvis==0.5.3)"
-            ) from e
-        from detectron2.evaluation import LVISEvaluator
-
         from .lvis_compat import patch_lvis_numpy_aliases
 
-        patch_lvis_numpy_aliases()  # lvis 0.5.3 calls np.float, gone since numpy 1.24
+        try:
+            patch_lvis_numpy_aliases()  # lvis 0.5.3 calls np.float, gone since numpy 1.24
+        except ImportError as e:
+            raise ImportError(f"'{dataset_name}' is evaluated with detectron2's LVISEvaluator: {e}") from e
+        from detectron2.evaluation import LVISEvaluator
 
         evaluators.append(LVISEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir))
     else:

@@ -41,7 +41,7 @@ def patch_lvis_numpy_aliases() -> bool:
         import lvis.eval as lvis_eval
     except ImportError as e:
         raise ImportError(
-            "LVIS evaluation needs the 'lvis' package: " "pip install -c scripts/constraints.txt lvis==0.5.3"
+            "LVIS evaluation needs the 'lvis' package (pip install -c scripts/constraints.txt lvis==0.5.3)"
         ) from e
     if isinstance(lvis_eval.np, _NumpyWithRemovedAliases):
         return True

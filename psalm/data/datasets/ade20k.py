@@ -24,6 +24,9 @@ from ._common import category_id_maps, datasets_root, log_loaded, register_lazy,
 from .coco import image_id_from_file_name, load_coco_instances_json, load_panoptic_json
 
 M2F_HINT = "python datasets/{} (needs ADEChallengeData2016/annotations_instance; see datasets/README.md)"
+# data-set split -> folder under images/, annotations/, annotations_instance/
+ADE_SPLIT_DIRS = {"train": "training", "val": "validation"}
+INSTANCE_SOURCE = "the ADE20K instance annotations (annotations_instance/, SceneParsing instance challenge release)"
 
 
 def ade20k_metadata() -> dict:
@@ -124,7 +127,7 @@ def register_ade20k(root: str | None = None) -> None:
     base = os.path.join(datasets_root(root), "ADEChallengeData2016")
     meta = ade20k_metadata()
     ins_meta = ade20k_instance_metadata()
-    for split, dirname in (("train", "training"), ("val", "validation")):
+    for split, dirname in ADE_SPLIT_DIRS.items():
         image_root = os.path.join(base, "images", dirname)
         sem_root = os.path.join(base, "annotations_detectron2", dirname)
         name = f"ade20k_sem_seg_{split}_psalm"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 
-
 from psalm.data.class_names import load_categories
 
 from ._common import (

@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import os
+from typing import Callable, Sequence
+
+from tqdm import tqdm
 
 from ._common import datasets_root
 
@@ -36,6 +40,15 @@ def read_json(path: str, what: str):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path!r} is not valid JSON ({e}): {what}") from e
+
+
+def map_items(fn: Callable, items: Sequence, workers: int = 1, desc: str = "", chunksize: int = 16) -> list:
+    """``[fn(x) for x in items]`` with a tqdm bar, in a process pool when ``workers > 1``; results keep
+    the order of ``items`` whatever ``workers`` is (deterministic outputs)."""
+    if workers > 1:
+        with mp.Pool(workers) as pool:
+            return list(tqdm(pool.imap(fn, items, chunksize=chunksize), total=len(items), desc=desc))
+    return [fn(x) for x in tqdm(items, desc=desc)]
 
 
 def write_json(path: str, obj, logger: logging.Logger | None = None) -> str:

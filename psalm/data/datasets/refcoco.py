@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-
 from psalm.data.class_names import load_categories
 
 from ._common import (

@@ -152,6 +152,20 @@ def test_expressions_need_colour_shape_and_position(root):
         assert any(kind in s for s in sents)
 
 
+def test_referring_kinds_are_balanced(root):
+    """Plain descriptions ("the circle") must not be crowded out by relations and superlatives:
+    relations end with the landmark's noun, and a model that rarely sees a plain description learns
+    "the trailing noun is NOT the target" and picks the wrong object for "the circle"."""
+    refs = json.load(open(os.path.join(root, "train", "referring.json")))["refs"]
+    kinds = [e["kind"] for r in refs for e in r["expressions"]]
+    share = {k: kinds.count(k) / len(kinds) for k in ("simple", "superlative", "relation")}
+    assert all(v >= 0.15 for v in share.values()), share
+    # the second ("rich") sentence: a full plain description ("the large blue circle") is one kind
+    # among three, not one expression among dozens of relations (it was 0-4% before the kind draw)
+    second = [r["expressions"][1]["kind"] for r in refs if len(r["expressions"]) > 1]
+    assert second.count("simple") / len(second) >= 0.12, second
+
+
 def test_gres_has_no_target_and_multi_target_samples(root):
     from psalm.data.datasets.synthetic import register_synthetic
 

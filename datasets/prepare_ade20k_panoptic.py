@@ -25,8 +25,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from psalm.data.datasets.ade20k import ADE_SPLIT_DIRS as SPLITS
 from psalm.data.datasets.ade20k import (
+    ADE_SPLIT_DIRS as SPLITS,
     INSTANCE_SOURCE,
     ade20k_metadata,
     instance_challenge_class_map,

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -174,14 +175,29 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.nda
     return canvas.astype(bool)
 
 
+def _choose(rng: np.random.Generator, items: Sequence):
+    """One element of ``items``, uniformly (``rng.choice`` would turn dicts / expressions into an array)."""
+    return items[int(rng.integers(len(items)))]
+
+
+def _choose_by_kind(rng: np.random.Generator, exprs: Sequence[lang.Expression]) -> lang.Expression:
+    """The kind first (uniform over the kinds present), then an expression of that kind.
+
+    Without this, relations and superlatives (many per object) crowd out plain descriptions (few per
+    object), and the model learns "the trailing noun is the landmark" instead of reading "the circle".
+    """
+    kind = _choose(rng, sorted({e.kind for e in exprs}))
+    return _choose(rng, [e for e in exprs if e.kind == kind])
+
+
 def _sample_attributes(rng: np.random.Generator, placed: list[dict]) -> tuple[str, str, str]:
     """Shape, colour, size; often a twin of an earlier object so that position must disambiguate."""
-    shape = lang.SHAPES[int(rng.integers(len(lang.SHAPES)))]
-    color = tuple(lang.COLORS)[int(rng.integers(len(lang.COLORS)))]
+    shape = _choose(rng, lang.SHAPES)
+    color = _choose(rng, tuple(lang.COLORS))
     size = lang.SIZES[int(rng.integers(2))]
     if placed:
         u = rng.uniform()
-        other = placed[int(rng.integers(len(placed)))]
+        other = _choose(rng, placed)
         if u < 0.35:  # same shape and colour (size and position tell them apart)
             shape, color = other["shape"], other["color"]
         elif u < 0.55:  # same shape, other colour
@@ -290,38 +306,29 @@ def _refs(spec: SyntheticSpec, split: str, index: int, objects: list[dict], ann_
             "expressions": [e.to_json() for e in exprs],
         }
 
-    def pick(exprs):
-        # kind first (uniform over the kinds present), then an expression of that kind: without this,
-        # relations and superlatives (many per object) crowd out plain descriptions (few per object)
-        # and the model learns "the trailing noun is the landmark" instead of reading "the circle"
-        kinds = sorted({e.kind for e in exprs})
-        kind = kinds[int(rng.integers(len(kinds)))]
-        of_kind = [e for e in exprs if e.kind == kind]
-        return of_kind[int(rng.integers(len(of_kind)))]
-
     for target in rng.permutation(len(objects)).tolist():
         if len(referring) == spec.refs_per_image:
             break
         minimal = lang.minimal_expressions(objects, target, size)
         if not minimal:
             continue
-        first = pick(minimal)
+        first = _choose_by_kind(rng, minimal)
         # a second, richer sentence (as annotators often over-specify): attributes AND position
         rich = [e for e in lang.unique_expressions(objects, target, size)
                 if e != first and e.target.num_attributes + (e.kind != "simple") >= 3]
         others = rich or [e for e in minimal if e != first]
-        sentences = [first] + ([pick(others)] if others else [])
+        sentences = [first] + ([_choose_by_kind(rng, others)] if others else [])
         referring.append(entry(sentences, [target]))
     if referring:  # one single-target expression in gres as well
         gres.append(dict(referring[0], sentences=referring[0]["sentences"][:1],
                          expressions=referring[0]["expressions"][:1]))
     plural = lang.plural_expressions(objects)
     if plural:
-        expr = plural[int(rng.integers(len(plural)))]
+        expr = _choose(rng, plural)
         gres.append(entry([expr], lang.evaluate(expr, objects, size)))
     none = lang.no_target_expressions(objects)
     if none:
-        gres.append(entry([none[int(rng.integers(len(none)))]], []))
+        gres.append(entry([_choose(rng, none)], []))
     return referring, gres
 
 

@@ -176,6 +176,10 @@ def _add_data_config(cfg):
     cfg.DATASETS.TRAIN_TASKS = []
     # sampling weights of the data sets in DATASETS.TRAIN (paper: equal)
     cfg.DATASETS.TRAIN_RATIOS = []
+    # a task curriculum: from iteration TRAIN_RATIO_STEPS[i] on, sample with TRAIN_RATIOS_AFTER_STEPS[i]
+    # (one list of weights per step) instead of TRAIN_RATIOS
+    cfg.DATASETS.TRAIN_RATIO_STEPS = []
+    cfg.DATASETS.TRAIN_RATIOS_AFTER_STEPS = []
     cfg.DATASETS.TEST_TASKS = []
     # "random": one task per iteration drawn with TRAIN_RATIOS (paper); "round_robin": official.
     cfg.DATALOADER.TASK_SAMPLING = "random"

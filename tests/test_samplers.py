@@ -1,5 +1,5 @@
 """MultiTaskBatchSampler / build_psalm_train_loader: ratios, rank agreement, single-task batches,
-exact resume, round-robin."""
+exact resume, round-robin, ratio steps."""
 import itertools
 
 import numpy as np
@@ -79,6 +79,56 @@ def test_round_robin_period_and_integer_ratios():
         MultiTaskBatchSampler([5, 5], 1, ratios=[1, 1.5], mode="round_robin", rank=0, world_size=1)
 
 
+def test_single_phase_draws_are_those_of_rng_choice():
+    """The inverse-CDF draw reproduces ``Generator.choice(T, p=...)``: runs started before ratio steps
+    existed resume onto the same task sequence."""
+    ratios = [2.0, 2.0, 1.0, 1.0]
+    sampler = MultiTaskBatchSampler([5] * 4, 2, ratios=ratios, seed=7, rank=0, world_size=1)
+    for block in (0, 1):
+        expected = np.random.default_rng([7, 0, block]).choice(4, size=4096, p=np.asarray(ratios) / sum(ratios))
+        got = [sampler.dataset_at(t) for t in range(block * 4096, (block + 1) * 4096)]
+        assert got == expected.tolist()
+
+
+def test_ratio_steps_change_the_mixture():
+    kw = dict(dataset_sizes=[10, 10, 10], batch_size=2, ratios=[0, 1, 0], ratio_steps=[300, 5000],
+              ratios_after_steps=[[1, 1, 2], [1, 0, 0]], seed=4, rank=0, world_size=1)
+    sampler = MultiTaskBatchSampler(**kw)
+    draws = np.array([sampler.dataset_at(t) for t in range(6000)])
+    assert set(draws[:300].tolist()) == {1}
+    freq = np.bincount(draws[300:5000], minlength=3) / (5000 - 300)
+    np.testing.assert_allclose(freq, [0.25, 0.25, 0.5], atol=0.025)  # across the block boundary at 4096
+    assert set(draws[5000:].tolist()) == {0}
+    # resuming across a step continues exactly; the steps are part of the resume fingerprint
+    full = _take(MultiTaskBatchSampler(**kw), 320)
+    resumed = MultiTaskBatchSampler(**kw)
+    resumed.load_state_dict(MultiTaskBatchSampler(**kw).state_dict(iteration=290))
+    assert _take(resumed, 30) == full[290:]
+    other = MultiTaskBatchSampler(**dict(kw, ratio_steps=[200, 5000]))
+    with pytest.raises(ValueError, match="settings differ"):
+        other.load_state_dict(MultiTaskBatchSampler(**kw).state_dict(iteration=290))
+
+
+def test_round_robin_cycle_restarts_at_a_ratio_step():
+    sampler = MultiTaskBatchSampler([5, 5], 1, ratios=[1, 1], ratio_steps=[5], ratios_after_steps=[[2, 1]],
+                                    mode="round_robin", round_robin_period=1, seed=0, rank=0, world_size=1)
+    assert [sampler.dataset_at(t) for t in range(11)] == [0, 1, 0, 1, 0] + [0, 0, 1, 0, 0, 1]
+
+
+def test_bad_ratio_steps_raise():
+    with pytest.raises(ValueError, match="one list per step"):
+        MultiTaskBatchSampler([5, 5], 2, ratio_steps=[10], rank=0, world_size=1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        MultiTaskBatchSampler([5, 5], 2, ratio_steps=[10, 10], ratios_after_steps=[[1, 1], [1, 1]],
+                              rank=0, world_size=1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        MultiTaskBatchSampler([5, 5], 2, ratio_steps=[0], ratios_after_steps=[[1, 1]], rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"TRAIN_RATIOS_AFTER_STEPS\[0\]"):
+        MultiTaskBatchSampler([5, 5], 2, ratio_steps=[10], ratios_after_steps=[[1]], rank=0, world_size=1)
+    with pytest.raises(ValueError, match="positive sum"):
+        MultiTaskBatchSampler([5, 5], 2, ratio_steps=[10], ratios_after_steps=[[0, 0]], rank=0, world_size=1)
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="ratios for"):
         MultiTaskBatchSampler([5, 5], 2, ratios=[1], rank=0, world_size=1)
@@ -104,6 +154,8 @@ def test_build_loader_single_task_batches_and_resume():
     cfg = get_psalm_cfg()
     cfg.DATASETS.TRAIN = ("_psalm_test_ref", "_psalm_test_pan")
     cfg.DATASETS.TRAIN_RATIOS = [1.0, 3.0]
+    cfg.DATASETS.TRAIN_RATIO_STEPS = [20]
+    cfg.DATASETS.TRAIN_RATIOS_AFTER_STEPS = [[0.0, 1.0]]
     cfg.SOLVER.IMS_PER_BATCH = 4
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.SEED = 3
@@ -118,7 +170,8 @@ def test_build_loader_single_task_batches_and_resume():
     batches = [next(it) for _ in range(30)]
     for b in batches:
         assert len(b) == 4 and len({s["task"] for s in b}) == 1 and len({s["name"] for s in b}) == 1
-    assert {b[0]["task"] for b in batches} == {"referring", "panoptic"}
+    assert {b[0]["task"] for b in batches[:20]} == {"referring", "panoptic"}
+    assert {b[0]["task"] for b in batches[20:]} == {"panoptic"}  # DATASETS.TRAIN_RATIO_STEPS
     state = loader.state_dict()
     assert state["iteration"] == 30  # counts the batches taken by the consumer
     more = [next(it) for _ in range(5)]

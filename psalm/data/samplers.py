@@ -7,6 +7,10 @@ iteration t picks one data set d(t):
 * ``"round_robin"`` (official): data sets in order, data set d for ``ratios[d] * period``
   consecutive iterations (ratios must be integers; the official setting is all 1, period 16).
 
+The ratios may change during training (a curriculum, like ``SOLVER.STEPS`` for the learning rate):
+``ratio_steps = (s_1, s_2, ...)`` with ``ratios_after_steps = (r_1, r_2, ...)`` use ``ratios`` for
+iterations ``[0, s_1)``, ``r_1`` for ``[s_1, s_2)``, and so on (a round-robin cycle restarts at every step).
+
 and then the next ``batch_size`` (GLOBAL batch) samples of d's own stream, which visits d in a
 fresh random permutation every pass (like detectron2's ``TrainingSampler``). Rank r gets the
 slice ``[r * batch_size / world_size, (r + 1) * batch_size / world_size)`` of that global batch.
@@ -49,6 +53,8 @@ class MultiTaskBatchSampler:
         dataset_sizes: number of samples of each of the T data sets.
         batch_size: GLOBAL batch size (all ranks together); divisible by ``world_size``.
         ratios: T non-negative sampling weights (default: equal).
+        ratio_steps: increasing iterations at which the ratios change (default: never).
+        ratios_after_steps: one list of T weights per step, used from that step on.
         mode: ``"random"`` or ``"round_robin"``.
         round_robin_period: iterations per data set and ratio unit in round-robin mode.
         seed: shared by all ranks. None: a random seed shared by all ranks
@@ -61,6 +67,8 @@ class MultiTaskBatchSampler:
         dataset_sizes: Sequence[int],
         batch_size: int,
         ratios: Optional[Sequence[float]] = None,
+        ratio_steps: Sequence[int] = (),
+        ratios_after_steps: Sequence[Sequence[float]] = (),
         mode: str = "random",
         round_robin_period: int = 16,
         seed: Optional[int] = 0,
@@ -71,24 +79,26 @@ class MultiTaskBatchSampler:
         num = len(self.dataset_sizes)
         if num == 0:
             raise ValueError("MultiTaskBatchSampler needs at least one data set")
-        ratios = [1.0] * num if ratios is None or len(ratios) == 0 else [float(r) for r in ratios]
-        if len(ratios) != num:
-            raise ValueError(f"got {len(ratios)} ratios for {num} data sets (DATASETS.TRAIN_RATIOS vs DATASETS.TRAIN)")
-        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
-            raise ValueError(f"ratios must be >= 0 with a positive sum, got {ratios}")
-        for d, (n, r) in enumerate(zip(self.dataset_sizes, ratios)):
-            if r > 0 and n <= 0:
-                raise ValueError(f"data set {d} is empty but has sampling ratio {r}")
         if mode not in ("random", "round_robin"):
             raise ValueError(f"mode must be 'random' or 'round_robin' (DATALOADER.TASK_SAMPLING), got {mode!r}")
-        if mode == "round_robin":
-            if round_robin_period <= 0:
-                raise ValueError(f"round_robin_period must be positive, got {round_robin_period}")
-            if any(r != int(r) for r in ratios):
-                raise ValueError(f"round_robin mode needs integer ratios (iterations per period), got {ratios}")
-        self.ratios = ratios
+        if mode == "round_robin" and round_robin_period <= 0:
+            raise ValueError(f"round_robin_period must be positive, got {round_robin_period}")
         self.mode = mode
         self.round_robin_period = int(round_robin_period)
+        steps = [int(x) for x in ratio_steps]
+        if len(ratios_after_steps) != len(steps):
+            raise ValueError(
+                f"got {len(steps)} ratio steps but {len(ratios_after_steps)} lists of ratios after them "
+                "(DATASETS.TRAIN_RATIO_STEPS vs DATASETS.TRAIN_RATIOS_AFTER_STEPS): give one list per step"
+            )
+        if any(b <= a for a, b in zip([0] + steps, steps)):
+            raise ValueError(f"ratio steps must be positive and strictly increasing, got {steps}")
+        default = [1.0] * num if ratios is None or len(ratios) == 0 else ratios
+        self.ratios = self._check_ratios(default, "DATASETS.TRAIN_RATIOS")
+        self.ratio_steps = steps
+        self.ratios_after_steps = [
+            self._check_ratios(r, f"DATASETS.TRAIN_RATIOS_AFTER_STEPS[{i}]") for i, r in enumerate(ratios_after_steps)
+        ]
         self._explicit_seed = seed is not None
         self.seed = int(seed) if seed is not None else int(comm.shared_random_seed())
         self.rank = comm.get_rank() if rank is None else int(rank)
@@ -99,25 +109,52 @@ class MultiTaskBatchSampler:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         self.batch_size = int(batch_size)
         self.local_batch_size = self.batch_size // self.world_size
-        self._probs = np.asarray(ratios) / sum(ratios)
+        self._phase_starts = np.asarray([0] + steps, dtype=np.int64)
+        phases = [self.ratios] + self.ratios_after_steps
+        cdfs = np.cumsum(np.asarray(phases), axis=1)
+        self._cdfs = cdfs / cdfs[:, -1:]  # [P, T]
         if mode == "round_robin":
-            self._cycle = np.concatenate(
-                [np.full(int(r) * self.round_robin_period, d, dtype=np.int64) for d, r in enumerate(ratios)]
-            )
+            self._cycles = [
+                np.concatenate([np.full(int(r) * self.round_robin_period, d, dtype=np.int64) for d, r in enumerate(rs)])
+                for rs in phases
+            ]
         self._start_iter = 0
         self._block_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
         self._perm_cache: Dict[int, Tuple[int, np.ndarray]] = {}
 
+    def _check_ratios(self, ratios: Sequence[float], name: str) -> List[float]:
+        ratios = [float(r) for r in ratios]
+        num = len(self.dataset_sizes)
+        if len(ratios) != num:
+            raise ValueError(f"got {len(ratios)} ratios for {num} data sets ({name} vs DATASETS.TRAIN)")
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise ValueError(f"{name} must be >= 0 with a positive sum, got {ratios}")
+        for d, (n, r) in enumerate(zip(self.dataset_sizes, ratios)):
+            if r > 0 and n <= 0:
+                raise ValueError(f"data set {d} is empty but has sampling ratio {r} in {name}")
+        if self.mode == "round_robin" and any(r != int(r) for r in ratios):
+            raise ValueError(f"round_robin mode needs integer ratios (iterations per period) in {name}, got {ratios}")
+        return ratios
+
     # ------------------------------------------------------------------ pure functions of (seed, t)
     def _choice_block(self, block: int) -> np.ndarray:
         if self._block_cache[0] != block:
+            t = np.arange(block * _CHOICE_BLOCK, (block + 1) * _CHOICE_BLOCK)
+            phase = np.searchsorted(self._phase_starts, t, side="right") - 1
             if self.mode == "random":
-                rng = np.random.default_rng([self.seed, 0, block])
-                choices = rng.choice(len(self.dataset_sizes), size=_CHOICE_BLOCK, p=self._probs)
+                # inverse-CDF draw: with one phase, the same numbers as rng.choice(T, p=ratios / sum)
+                u = np.random.default_rng([self.seed, 0, block]).random(_CHOICE_BLOCK)
+                choices = np.empty(_CHOICE_BLOCK, dtype=np.int64)
+                for k in np.unique(phase):
+                    sel = phase == k
+                    choices[sel] = np.searchsorted(self._cdfs[k], u[sel], side="right")
             else:
-                t = np.arange(block * _CHOICE_BLOCK, (block + 1) * _CHOICE_BLOCK)
-                choices = self._cycle[t % len(self._cycle)]
-            self._block_cache = (block, choices.astype(np.int64))
+                choices = np.empty(_CHOICE_BLOCK, dtype=np.int64)
+                for k in np.unique(phase):
+                    sel = phase == k
+                    cycle = self._cycles[k]
+                    choices[sel] = cycle[(t[sel] - self._phase_starts[k]) % len(cycle)]
+            self._block_cache = (block, choices)
         return self._block_cache[1]
 
     def dataset_at(self, iteration: int) -> int:
@@ -167,6 +204,8 @@ class MultiTaskBatchSampler:
             "seed": self.seed,
             "mode": self.mode,
             "ratios": list(self.ratios),
+            "ratio_steps": list(self.ratio_steps),
+            "ratios_after_steps": [list(r) for r in self.ratios_after_steps],
             "round_robin_period": self.round_robin_period,
             "dataset_sizes": list(self.dataset_sizes),
             "batch_size": self.batch_size,
@@ -270,7 +309,8 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
     """Multi-task training loader from ``cfg.DATASETS.TRAIN`` (one task per data set).
 
     Args:
-        cfg: config with DATASETS.TRAIN (+ TRAIN_TASKS, TRAIN_RATIOS), SOLVER.IMS_PER_BATCH (global
+        cfg: config with DATASETS.TRAIN (+ TRAIN_TASKS, TRAIN_RATIOS, TRAIN_RATIO_STEPS,
+            TRAIN_RATIOS_AFTER_STEPS), SOLVER.IMS_PER_BATCH (global
             batch), DATALOADER.{TASK_SAMPLING, ROUND_ROBIN_PERIOD, NUM_WORKERS}, SEED (< 0: a
             random seed shared by the ranks and stored in ``state_dict``).
         mapper_factory: ``f(cfg, dataset_name, task) -> callable(dict, rng=None)``; default
@@ -298,6 +338,8 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
         [len(d) for d in lists],
         cfg.SOLVER.IMS_PER_BATCH,
         ratios=list(cfg.DATASETS.TRAIN_RATIOS) or None,
+        ratio_steps=list(cfg.DATASETS.TRAIN_RATIO_STEPS),
+        ratios_after_steps=[list(r) for r in cfg.DATASETS.TRAIN_RATIOS_AFTER_STEPS],
         mode=cfg.DATALOADER.TASK_SAMPLING,
         round_robin_period=cfg.DATALOADER.ROUND_ROBIN_PERIOD,
         seed=seed,

@@ -201,6 +201,8 @@ def _add_solver_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.EPS = 1e-8
+    # update kernel: "auto" (fused, except under FSDP) | "fused" | "foreach" | "for_loop"
+    cfg.SOLVER.OPTIMIZER_IMPL = "auto"
     # bf16 | fp16 autocast on GPU when SOLVER.AMP.ENABLED
     cfg.SOLVER.AMP.PRECISION = "bf16"
     # "ddp" | "fsdp" (full sharding) | "zero" (ZeroRedundancyOptimizer: optimizer-state sharding)

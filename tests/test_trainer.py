@@ -205,6 +205,42 @@ def test_clip_gradients_full_model_and_value():
         clip_gradients(clip, params)
 
 
+@pytest.mark.parametrize("name", ["ADAMW", "SGD"])
+def test_optimizer_impls_give_the_same_update(name):
+    """SOLVER.OPTIMIZER_IMPL only picks torch's kernel: fused, foreach and the per-tensor loop agree."""
+    from psalm.config import get_psalm_cfg
+    from psalm.engine.optim import build_optimizer
+
+    results = {}
+    for impl in ("auto", "fused", "foreach", "for_loop"):
+        cfg = get_psalm_cfg()
+        cfg.SOLVER.OPTIMIZER, cfg.SOLVER.OPTIMIZER_IMPL, cfg.SOLVER.BASE_LR = name, impl, 0.05
+        cfg.SOLVER.MOMENTUM = 0.9
+        model = _small_model()
+        opt = build_optimizer(cfg, model)
+        expected_fused = impl in ("auto", "fused")
+        assert bool(opt.defaults.get("fused")) == expected_fused
+        assert bool(opt.defaults.get("foreach")) == (impl == "foreach")
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = (results["for_loop"] - torch.cat([p.detach().flatten() for p in _small_model().parameters()])).abs().max()
+    assert moved > 1e-3  # the steps did change the weights
+    for impl in ("auto", "fused", "foreach"):
+        torch.testing.assert_close(results[impl], results["for_loop"], rtol=1e-5, atol=1e-6)
+    cfg.SOLVER.OPTIMIZER_IMPL = "apex"
+    with pytest.raises(ValueError, match="OPTIMIZER_IMPL"):
+        build_optimizer(cfg, model)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 2))
+
+
 def test_trainable_parameter_patterns(tmp_path):
     cfg = standin_cfg(tmp_path, MAX_ITER=1)
     cfg.SOLVER.TRAINABLE_PARAMETERS = ["heads.*"]

@@ -65,6 +65,9 @@ def _add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "PSALMMultiScaleMaskedTransformerDecoder"
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    # referring / interactive: also -CLASS_WEIGHT * sigmoid(score) in the matching cost, as the class
+    # term of category tasks (official PSALM and the paper: mask cost only for these tasks)
+    cfg.MODEL.MASK_FORMER.MATCH_WITH_SCORES = False
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0

@@ -49,6 +49,25 @@ def test_class_term_only_with_class_logits():
     assert rows.tolist() == [1]
 
 
+def test_match_probs_term():
+    """Referring / region scores in the cost (MATCH_WITH_SCORES): -cost_class * p per (query, target)."""
+    pred = torch.stack([_logit_map(10, -10), _logit_map(2, -2)])[None]
+    target = [{"masks": _halves()[:1], "labels": torch.tensor([0])}]
+    matcher = HungarianMatcher(cost_class=2, cost_mask=5, cost_dice=5, num_points=2000)
+    torch.manual_seed(0)
+    (rows, _), = matcher(pred, target)
+    assert rows.tolist() == [0]  # masks only: the sharp mask wins
+    torch.manual_seed(0)
+    (rows, _), = matcher(pred, target, pred_match_probs=[torch.tensor([[0.0], [1.0]])])
+    assert rows.tolist() == [1]  # the scored query wins
+    matcher.sample_points = lambda n, device: _pixel_centres(4, 4)
+    base = matcher.cost_matrix(pred[0], _halves()[:1])
+    probs = torch.tensor([[0.25], [0.5]])
+    torch.testing.assert_close(matcher.cost_matrix(pred[0], _halves()[:1], pred_match_probs=probs), base - 2 * probs)
+    with pytest.raises(ValueError, match=r"\[Q, N\]"):
+        matcher.cost_matrix(pred[0], _halves()[:1], pred_match_probs=torch.zeros(2, 2))
+
+
 def test_cost_matrix_hand_computed():
     """C = 5 BCE + 5 dice - 2 p(class) on fixed points (pixel centres of the 2x2 prediction)."""
     logits = torch.tensor([[[1.0, -2.0], [0.5, 3.0]], [[-1.0, -1.0], [2.0, 0.0]]])  # [Q=2, 2, 2]

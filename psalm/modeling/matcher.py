@@ -107,6 +107,7 @@ class HungarianMatcher(nn.Module):
         target_masks: torch.Tensor,
         pred_class_logits: Optional[torch.Tensor] = None,
         target_labels: Optional[torch.Tensor] = None,
+        pred_match_probs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Matching cost of one image.
 
@@ -115,6 +116,8 @@ class HungarianMatcher(nn.Module):
             target_masks: [N, H, W] (N >= 1) binary masks.
             pred_class_logits: [Q, K+1] or None (no class term).
             target_labels: [N] long class ids in [0, K), required with ``pred_class_logits``.
+            pred_match_probs: [Q, N] probabilities that query q is target n (sigmoid scores of the
+                referring / region heads), or None; adds ``-cost_class * prob`` like the class term.
 
         Returns:
             [Q, N] float32 cost matrix.
@@ -140,6 +143,12 @@ class HungarianMatcher(nn.Module):
                 )
             prob = pred_class_logits.float().softmax(-1)  # [Q, K+1]
             cost = cost - self.cost_class * prob[:, target_labels.to(prob.device)]
+        if pred_match_probs is not None:
+            if pred_match_probs.shape != cost.shape:
+                raise ValueError(
+                    f"pred_match_probs must be [Q, N] = {tuple(cost.shape)}, got {tuple(pred_match_probs.shape)}"
+                )
+            cost = cost - self.cost_class * pred_match_probs.float().to(cost.device)
         return cost
 
     @torch.no_grad()
@@ -148,8 +157,10 @@ class HungarianMatcher(nn.Module):
         pred_masks: torch.Tensor,
         targets: Sequence[Dict[str, torch.Tensor]],
         pred_class_logits: Optional[torch.Tensor] = None,
+        pred_match_probs: Optional[Sequence[torch.Tensor]] = None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Match every image of the batch; see the class docstring for shapes."""
+        """Match every image of the batch; see the class docstring for shapes
+        (``pred_match_probs``: one [Q, N_b] tensor per image, see :meth:`cost_matrix`)."""
         if pred_masks.dim() != 4:
             raise ValueError(f"pred_masks must be [B, Q, h, w], got shape {tuple(pred_masks.shape)}")
         batch_size = pred_masks.shape[0]
@@ -172,6 +183,7 @@ class HungarianMatcher(nn.Module):
                 target_masks.to(pred_masks.device),
                 None if pred_class_logits is None else pred_class_logits[b],
                 targets[b].get("labels"),
+                None if pred_match_probs is None else pred_match_probs[b],
             )
             cost = cost.cpu().numpy()
             if not np.isfinite(cost).all():

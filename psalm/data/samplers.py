@@ -7,13 +7,13 @@ iteration t picks one data set d(t):
 * ``"round_robin"`` (official): data sets in order, data set d for ``ratios[d] * period``
   consecutive iterations (ratios must be integers; the official setting is all 1, period 16).
 
-The ratios may change during training (a curriculum, like ``SOLVER.STEPS`` for the learning rate):
-``ratio_steps = (s_1, s_2, ...)`` with ``ratios_after_steps = (r_1, r_2, ...)`` use ``ratios`` for
-iterations ``[0, s_1)``, ``r_1`` for ``[s_1, s_2)``, and so on (a round-robin cycle restarts at every step).
-
 and then the next ``batch_size`` (GLOBAL batch) samples of d's own stream, which visits d in a
 fresh random permutation every pass (like detectron2's ``TrainingSampler``). Rank r gets the
 slice ``[r * batch_size / world_size, (r + 1) * batch_size / world_size)`` of that global batch.
+
+The ratios may change during training (a curriculum, like ``SOLVER.STEPS`` for the learning rate):
+``ratio_steps = (s_1, s_2, ...)`` with ``ratios_after_steps = (r_1, r_2, ...)`` use ``ratios`` for
+iterations ``[0, s_1)``, ``r_1`` for ``[s_1, s_2)``, and so on (a round-robin cycle restarts at every step).
 
 Everything is a pure function of ``(seed, t)``: the choice of data set for block ``t // 4096`` comes
 from ``default_rng([seed, 0, block])``, the permutation of pass e of data set d from
@@ -144,14 +144,12 @@ class MultiTaskBatchSampler:
             if self.mode == "random":
                 # inverse-CDF draw: with one phase, the same numbers as rng.choice(T, p=ratios / sum)
                 u = np.random.default_rng([self.seed, 0, block]).random(_CHOICE_BLOCK)
-                choices = np.empty(_CHOICE_BLOCK, dtype=np.int64)
-                for k in np.unique(phase):
-                    sel = phase == k
+            choices = np.empty(_CHOICE_BLOCK, dtype=np.int64)
+            for k in np.unique(phase):
+                sel = phase == k
+                if self.mode == "random":
                     choices[sel] = np.searchsorted(self._cdfs[k], u[sel], side="right")
-            else:
-                choices = np.empty(_CHOICE_BLOCK, dtype=np.int64)
-                for k in np.unique(phase):
-                    sel = phase == k
+                else:
                     cycle = self._cycles[k]
                     choices[sel] = cycle[(t[sel] - self._phase_starts[k]) % len(cycle)]
             self._block_cache = (block, choices)

@@ -194,7 +194,7 @@ def _sample_attributes(rng: np.random.Generator, placed: list[dict]) -> tuple[st
     """Shape, colour, size; often a twin of an earlier object so that position must disambiguate."""
     shape = _choose(rng, lang.SHAPES)
     color = _choose(rng, tuple(lang.COLORS))
-    size = lang.SIZES[int(rng.integers(2))]
+    size = _choose(rng, lang.SIZES)
     if placed:
         u = rng.uniform()
         other = _choose(rng, placed)

@@ -68,6 +68,12 @@ def _add_mask_former_config(cfg):
     # referring / interactive: also -CLASS_WEIGHT * sigmoid(score) in the matching cost, as the class
     # term of category tasks (official PSALM and the paper: mask cost only for these tasks)
     cfg.MODEL.MASK_FORMER.MATCH_WITH_SCORES = False
+    # Beyond the official model ("" = off = official): the class / refer / region heads also read a
+    # feature map pooled under each query's own predicted mask (PSALMMultiScaleMaskedTransformerDecoder
+    # docstring): "mask_features" (the pixel decoder's stride-4 output) or a backbone feature ("res2",
+    # ...). Gives the scoring heads the object's appearance (e.g. colour) directly instead of only
+    # through the masked cross-attention on the coarse memory levels.
+    cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = ""
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0

@@ -178,3 +178,88 @@ def test_bad_inputs_raise():
             pixel_decoder({k: v for k, v in feats.items() if k != "res2"})
     with pytest.raises(ValueError, match="multiple of 32"):
         _build("pytorch", ["MODEL.SEM_SEG_HEAD.CONVS_DIM", "48"])
+
+
+
+def test_head_mask_pooling():
+    """HEAD_MASK_POOLING: off adds no parameters (official state dict); on, the scoring heads read
+    ``decoder_norm(q) + proj(LN(mask-pooled features))`` with the pooling computed as documented, the
+    masks are untouched and the scoring losses do not reach the mask head through the pooling."""
+    torch.manual_seed(0)
+    cfg, pixel_decoder, base = _build("pytorch")
+    assert not any(k.startswith("head_pool") for k in base.state_dict())
+    _, _, pooled = _build("pytorch", ["MODEL.MASK_FORMER.HEAD_MASK_POOLING", "mask_features"])
+    extra = set(pooled.state_dict()) - set(base.state_dict())
+    assert extra == {"head_pool_norm.weight", "head_pool_norm.bias", "head_pool_proj.weight", "head_pool_proj.bias"}
+    pooled.load_state_dict(base.state_dict(), strict=False)
+    base.eval()
+    pooled.eval()
+    feats, queries, g = _random_inputs(cfg)
+    D = queries.shape[-1]
+    conds = {
+        "refer_embeddings": torch.randn(2, 1, D, generator=g),
+        "class_embeddings": torch.randn(2, 4, D, generator=g),
+        "region_embeddings": [torch.randn(3, D, generator=g), torch.randn(1, D, generator=g)],
+    }
+    with torch.no_grad():
+        mask_features, _, ms = pixel_decoder.eval()(feats)
+        with pytest.raises(ValueError, match="pool_features"):
+            pooled(ms, mask_features, queries, **conds)
+        # a zero projection is the official model exactly
+        pooled.head_pool_proj.weight.zero_()
+        pooled.head_pool_proj.bias.zero_()
+        a = base(ms, mask_features, queries, **conds)
+        b = pooled(ms, mask_features, queries, **conds, pool_features=mask_features)
+        for pa, pb in zip(a["aux_outputs"] + [a], b["aux_outputs"] + [b]):
+            for k in ("pred_masks", "pred_class_logits", "pred_refer_logits"):
+                torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+        # the pooling itself, by hand, for a mask that is (almost) a hard 0/1 box
+        logits = torch.full((2, 10, 32, 32), -40.0)
+        logits[0, 3, 4:12, 8:20] = 40.0
+        pooled.head_pool_norm.weight.fill_(1.0)
+        pooled.head_pool_norm.bias.zero_()
+        pooled.head_pool_proj.weight.copy_(torch.randn(D, mask_features.shape[1], generator=g))
+        got = pooled._mask_pooled(logits, mask_features)
+        region = mask_features[0, :, 4:12, 8:20].sum(dim=(-2, -1)) / (8 * 12 + 1)
+        want = torch.nn.functional.layer_norm(region, region.shape) @ pooled.head_pool_proj.weight.T
+        torch.testing.assert_close(got[0, 3], want, rtol=1e-4, atol=1e-4)
+        # empty masks pool to ~0 (the +1 in the denominator), not to NaN
+        assert torch.isfinite(got).all()
+        # a coarser map: the mask is resized to it (2x2 average of the box = the same box at stride 8)
+        coarse = torch.nn.functional.avg_pool2d(mask_features, 2)
+        got = pooled._mask_pooled(logits, coarse)
+        region = coarse[0, :, 2:6, 4:10].sum(dim=(-2, -1)) / (4 * 6 + 1)
+        want = torch.nn.functional.layer_norm(region, region.shape) @ pooled.head_pool_proj.weight.T
+        torch.testing.assert_close(got[0, 3], want, rtol=1e-4, atol=1e-4)
+        # with a non-zero projection the scores change, the masks do not
+        c = pooled(ms, mask_features, queries, **conds, pool_features=mask_features)
+        torch.testing.assert_close(c["pred_masks"], a["pred_masks"], rtol=0, atol=0)
+        assert not torch.allclose(c["pred_refer_logits"], a["pred_refer_logits"])
+    # the pooling weights are detached: the final refer score gives the mask head no gradient
+    pooled.train()
+    mf = mask_features.clone().requires_grad_()
+    out = pooled(ms, mf, queries, **conds, pool_features=mf)
+    out["pred_refer_logits"].sum().backward()
+    assert all(p.grad is None for p in pooled.mask_embed.parameters())
+    assert mf.grad is not None and mf.grad.abs().sum() > 0
+
+
+def test_head_mask_pooling_on_a_backbone_map():
+    """A backbone map as the pooling source: its channels come from the backbone's output_shape."""
+    cfg = get_psalm_cfg(TINY, ["MODEL.MASK_FORMER.HEAD_MASK_POOLING", "res3"])
+    shapes = build_backbone(cfg).output_shape()
+    predictor = build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shapes)
+    assert predictor.head_pool_proj.in_features == shapes["res3"].channels == 16
+    feats, queries, g = _random_inputs(cfg)
+    pixel_decoder = build_pixel_decoder(cfg, shapes)
+    with torch.no_grad():
+        mask_features, _, ms = pixel_decoder(feats)
+        out = predictor(ms, mask_features, queries, torch.randn(2, 1, 64, generator=g), pool_features=feats["res3"])
+        assert out["pred_refer_logits"].shape == (2, 10, 1)
+        with pytest.raises(ValueError, match=r"needs pool_features \[B=2, 16"):
+            predictor(ms, mask_features, queries, pool_features=feats["res2"])
+    for bad, shape in (("res9", shapes), ("res3", None)):
+        cfg.defrost()
+        cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = bad
+        with pytest.raises(ValueError, match="HEAD_MASK_POOLING"):
+            build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shape)

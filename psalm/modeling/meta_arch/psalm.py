@@ -126,6 +126,7 @@ class PSALM(nn.Module):
         seg_token: str = "[SEG]",
         model_max_length: int = 2048,
         prompt_style: str = "official",
+        head_pool_source: str = "",
     ):
         """
         Args:
@@ -148,6 +149,8 @@ class PSALM(nn.Module):
             shuffle_classes_train: shuffle the class order of category prompts in training (official).
             lm_loss_weight: weight of the next-token loss of instruction / caption batches.
             max_new_tokens: generation length for instruction / caption inference.
+            head_pool_source: the map the predictor's head mask pooling reads (``""`` = off, the
+                official model; ``"mask_features"``; or a backbone feature such as ``"res2"``).
         """
         super().__init__()
         self.backbone = backbone
@@ -167,6 +170,12 @@ class PSALM(nn.Module):
         self.region_projector = nn.Linear(hidden, decoder_dim)
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
+        if bool(head_pool_source) != bool(getattr(predictor, "head_pool_dim", 0)):
+            raise ValueError(
+                f"head_pool_source={head_pool_source!r} does not match the predictor (built with "
+                f"head_pool_dim={getattr(predictor, 'head_pool_dim', 0)}): set MODEL.MASK_FORMER.HEAD_MASK_POOLING"
+            )
+        self.head_pool_source = head_pool_source
         self.criterion = criterion
         self.region_pooler = region_pooler
         self.postprocessor = postprocessor
@@ -220,7 +229,8 @@ class PSALM(nn.Module):
             "projector": build_projector(cfg, shapes[p.PROJECTOR.IN_FEATURE].channels, hidden),
             "llm": llm,
             "pixel_decoder": pixel_decoder,
-            "predictor": build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM),
+            "predictor": build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shapes),
+            "head_pool_source": cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING,
             "criterion": SetCriterion(cfg),
             "region_pooler": RegionPooler.from_config(cfg),
             "postprocessor": PSALMPostProcessor(cfg),
@@ -297,6 +307,14 @@ class PSALM(nn.Module):
         if with_pixel_decoder:
             out.update(self._pixel_decoder(features))
         return out
+
+    def _head_pool_features(self, image_features: Mapping) -> torch.Tensor | None:
+        """The map the predictor pools under each query's mask (MODEL.MASK_FORMER.HEAD_MASK_POOLING), or None."""
+        if not self.head_pool_source:
+            return None
+        if self.head_pool_source == "mask_features":
+            return image_features["mask_features"]
+        return image_features["features"][self.head_pool_source]
 
     def _pixel_decoder(self, features) -> dict:
         mask_features, _, multi_scale = self.pixel_decoder(features)
@@ -398,6 +416,7 @@ class PSALM(nn.Module):
             cond.refer,
             cond.classes,
             cond.regions,
+            pool_features=self._head_pool_features(image_features),
         )
         return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
 

@@ -18,6 +18,14 @@ only; ``query_embed`` is added to the cross-attention queries and to the self-at
 attention mask of a layer comes from the previous prediction, bilinearly resized (in float32) to that
 layer's level: positions with ``sigmoid(mask logit) < 0.5`` are masked, and a query whose row would be
 fully masked attends everywhere.
+
+Head mask pooling (``MODEL.MASK_FORMER.HEAD_MASK_POOLING``, off in the official model): at every
+prediction stage, a feature map ``F`` [B, C_p, h, w] given as ``pool_features`` (the mask features or a
+backbone map) is averaged under each query's own predicted mask,
+``p_q = sum_x s_q(x) F(x) / (sum_x s_q(x) + 1)`` with ``s_q = sigmoid(mask logit)`` bilinearly resized to
+``h x w`` (detached: the scoring losses do not move the masks), and the three scoring heads read
+``decoder_norm(q) + head_pool_proj(LN(p_q))`` instead of ``decoder_norm(q)``; the mask head is unchanged.
+The extra parameters are ``head_pool_norm`` and ``head_pool_proj`` (C_p -> hidden_dim).
 """
 
 from __future__ import annotations
@@ -150,7 +158,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         enforce_input_project: bool,
         dropout: float = 0.0,
         num_feature_levels: int = 3,
+        head_pool_dim: int = 0,
     ):
+        """``head_pool_dim``: channels ``C_p`` of the ``pool_features`` for head mask pooling; 0 = off."""
         """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers."""
         super().__init__()
         if dec_layers < 1:
@@ -184,10 +194,28 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         self.class_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.refer_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.region_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+        self.head_pool_dim = head_pool_dim
+        if head_pool_dim:
+            self.head_pool_norm = nn.LayerNorm(head_pool_dim)
+            self.head_pool_proj = nn.Linear(head_pool_dim, hidden_dim)
 
     @classmethod
-    def from_config(cls, cfg, in_channels: int):
+    def from_config(cls, cfg, in_channels: int, input_shape: dict | None = None):
+        """``input_shape``: the backbone's ``output_shape()``, needed when HEAD_MASK_POOLING names a backbone map."""
         m = cfg.MODEL.MASK_FORMER
+        source = m.HEAD_MASK_POOLING
+        if not source:
+            head_pool_dim = 0
+        elif source == "mask_features":
+            head_pool_dim = cfg.MODEL.SEM_SEG_HEAD.MASK_DIM
+        elif input_shape is not None and source in input_shape:
+            head_pool_dim = input_shape[source].channels
+        else:
+            known = sorted(input_shape) if input_shape is not None else "the backbone's features"
+            raise ValueError(
+                f"MODEL.MASK_FORMER.HEAD_MASK_POOLING={source!r}: expected '' (off), 'mask_features' or one of "
+                f"{known}"
+            )
         return {
             "in_channels": in_channels,
             "hidden_dim": m.HIDDEN_DIM,
@@ -199,6 +227,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "dropout": m.DROPOUT,
+            "head_pool_dim": head_pool_dim,
         }
 
     def forward(
@@ -209,6 +238,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         refer_embeddings: torch.Tensor | None = None,
         class_embeddings: torch.Tensor | None = None,
         region_embeddings: list[torch.Tensor] | None = None,
+        pool_features: torch.Tensor | None = None,
     ) -> dict:
         """
         Args:
@@ -218,6 +248,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             refer_embeddings: [B, 1, D] sentence conditions, or None.
             class_embeddings: [B, K+1, D] category conditions (last = background), or None.
             region_embeddings: list of B tensors [R_b, D] (visual-prompt conditions), or None.
+            pool_features: [B, C_p, h, w] for head mask pooling (required when it is on, else ignored).
         Returns:
             dict with ``pred_masks`` [B, Q, H, W], ``pred_class_logits`` [B, Q, K+1] | None,
             ``pred_refer_logits`` [B, Q, 1] | None, ``pred_region_logits`` list of [R_b, Q] | None,
@@ -227,6 +258,14 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         self._check_inputs(
             multi_scale_features, mask_features, queries, refer_embeddings, class_embeddings, region_embeddings
         )
+        if self.head_pool_dim and (
+            pool_features is None or pool_features.shape[:2] != (queries.shape[0], self.head_pool_dim)
+        ):
+            raise ValueError(
+                f"head mask pooling (MODEL.MASK_FORMER.HEAD_MASK_POOLING) needs pool_features "
+                f"[B={queries.shape[0]}, {self.head_pool_dim}, h, w]; got "
+                f"{None if pool_features is None else tuple(pool_features.shape)}"
+            )
         B = queries.shape[0]
         src, pos, sizes = [], [], []
         for i, x in enumerate(multi_scale_features):
@@ -235,7 +274,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             src.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)
         output = queries
-        conditions = (refer_embeddings, class_embeddings, region_embeddings)
+        conditions = (refer_embeddings, class_embeddings, region_embeddings, pool_features)
 
         predictions = []
         pred, attn_mask = self._predict(output, mask_features, sizes[0], *conditions)
@@ -257,7 +296,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         out["aux_outputs"] = predictions[:-1]
         return out
 
-    def _predict(self, output, mask_features, target_size, refer, classes, regions):
+    def _predict(self, output, mask_features, target_size, refer, classes, regions, pool_features):
         """Heads on ``decoder_norm(output)`` and the next layer's attention mask [B * heads, Q, h*w]."""
         decoded = self.decoder_norm(output)  # [B, Q, D]
         pred_masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
@@ -271,6 +310,8 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_refer_logits": None,
             "pred_region_logits": None,
         }
+        if self.head_pool_dim and (classes is not None or refer is not None or regions is not None):
+            decoded = decoded + self._mask_pooled(pred_masks, pool_features)
         if classes is not None:
             pred["pred_class_logits"] = torch.einsum("bqd,bkd->bqk", self.class_head(decoded), classes)
         if refer is not None:
@@ -279,6 +320,17 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             proj = self.region_head(decoded)
             pred["pred_region_logits"] = [torch.einsum("rd,qd->rq", r, p) for r, p in zip(regions, proj)]
         return pred, attn_mask
+
+    def _mask_pooled(self, pred_masks, pool_features):
+        """[B, Q, D]: ``head_pool_proj(LN(p_q))`` for ``pool_features`` [B, C_p, h, w] averaged under each
+        query's (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] resized to h x w (module docstring)."""
+        logits = pred_masks.detach().float()
+        if logits.shape[-2:] != pool_features.shape[-2:]:
+            logits = F.interpolate(logits, size=pool_features.shape[-2:], mode="bilinear", align_corners=False)
+        weights = logits.sigmoid().to(pool_features.dtype)
+        pooled = torch.einsum("bqhw,bchw->bqc", weights, pool_features)
+        pooled = pooled / (weights.sum(dim=(-2, -1)).unsqueeze(-1) + 1.0)
+        return self.head_pool_proj(self.head_pool_norm(pooled))
 
     def _check_inputs(self, feats, mask_features, queries, refer, classes, regions):
         if len(feats) != self.num_feature_levels:
@@ -300,6 +352,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"region_embeddings must be a list of B={B} tensors [R_b, D]")
 
 
-def build_transformer_decoder(cfg, in_channels: int) -> nn.Module:
-    """Build ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME`` for features with ``in_channels`` channels."""
-    return TRANSFORMER_DECODER_REGISTRY.get(cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)(cfg, in_channels)
+def build_transformer_decoder(cfg, in_channels: int, input_shape: dict | None = None) -> nn.Module:
+    """Build ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME`` for features with ``in_channels`` channels
+    (``input_shape``: the backbone's ``output_shape()``, for HEAD_MASK_POOLING on a backbone map)."""
+    return TRANSFORMER_DECODER_REGISTRY.get(cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)(
+        cfg, in_channels, input_shape=input_shape
+    )

@@ -154,6 +154,10 @@ def _add_psalm_model_config(cfg):
     # "mean": mean over the whole refer span incl. its [SEG] (official, compat);
     # "last": the hidden state of the span's trailing [SEG] token (paper).
     cfg.MODEL.PSALM.REFER_POOLING = "mean"
+    # Beyond the official model (False = official): score referring / gres sentences through the
+    # category path (class_projector + predictor.class_head, shared weights) instead of their own
+    # refer_projector + refer_head, so what the category task learns about names serves referring.
+    cfg.MODEL.PSALM.REFER_AS_CLASS = False
     # "sample_points": official 256 bilinear point samples on the projector map (seeded here);
     # "mask_average": exact mask-average pooling of the bilinearly upsampled map.
     cfg.MODEL.PSALM.REGION_POOLING = "sample_points"

@@ -305,3 +305,44 @@ def test_training_batch_must_hold_one_task(tokenizer_dir):
     del bad["instances"]
     with pytest.raises(ValueError, match="instances"):
         m([bad])
+
+
+def test_refer_as_class_and_head_mask_pooling(tokenizer_dir):
+    """REFER_AS_CLASS scores sentences with the category modules (one set of weights, trained by both
+    tasks); HEAD_MASK_POOLING on a backbone map feeds that map to the predictor. Both default off."""
+    base = build_psalm_model(tiny_cfg(tokenizer_dir))
+    assert base.refer_projector is not base.class_projector
+    assert base.predictor.refer_head is not base.predictor.class_head and base.head_pool_source == ""
+    torch.manual_seed(0)
+    m = build_psalm_model(
+        tiny_cfg(
+            tokenizer_dir,
+            "MODEL.PSALM.REFER_AS_CLASS", True,
+            "MODEL.MASK_FORMER.HEAD_MASK_POOLING", "res3",
+            "MODEL.PSALM.FREEZE_BACKBONE", False,
+        )
+    ).train()
+    assert m.refer_projector is m.class_projector and m.predictor.refer_head is m.predictor.class_head
+    # the parameters are not duplicated (the optimizer sees each once)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in base.parameters()) + sum(
+        p.numel() for n, p in m.predictor.named_parameters() if n.startswith("head_pool")
+    ) - sum(p.numel() for p in base.refer_projector.parameters()) - sum(
+        p.numel() for p in base.predictor.refer_head.parameters()
+    )
+    # a checkpoint of the shared model round-trips through load_state_dict(strict=True)
+    clone = build_psalm_model(
+        tiny_cfg(tokenizer_dir, "MODEL.PSALM.REFER_AS_CLASS", True, "MODEL.MASK_FORMER.HEAD_MASK_POOLING", "res3")
+    )
+    clone.load_state_dict(m.state_dict(), strict=True)
+    assert torch.equal(clone.refer_projector.weight, m.class_projector.weight)
+    # referring and panoptic losses both train the shared head, and the pooled backbone map gets gradients
+    for task in ("referring", "panoptic"):
+        m.zero_grad()
+        sum(m([make_input(task, 1), make_input(task, 2)]).values()).backward()
+        assert m.class_projector.weight.grad.abs().sum() > 0
+        assert m.predictor.class_head.layers[0].weight.grad.abs().sum() > 0
+        assert m.predictor.head_pool_proj.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        out = m([make_input("referring", 3)])[0]
+    assert out["instances"].pred_masks.shape == (1, 96, 128) and out["instances"].scores.shape == (1,)

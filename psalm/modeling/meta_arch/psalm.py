@@ -127,6 +127,7 @@ class PSALM(nn.Module):
         model_max_length: int = 2048,
         prompt_style: str = "official",
         head_pool_source: str = "",
+        refer_as_class: bool = False,
     ):
         """
         Args:
@@ -151,6 +152,9 @@ class PSALM(nn.Module):
             max_new_tokens: generation length for instruction / caption inference.
             head_pool_source: the map the predictor's head mask pooling reads (``""`` = off, the
                 official model; ``"mask_features"``; or a backbone feature such as ``"res2"``).
+            refer_as_class: sentence conditions go through the category scoring path: ``refer_projector``
+                is ``class_projector`` and ``predictor.refer_head`` is ``predictor.class_head`` (the same
+                modules; their state-dict entries appear under both names). False: the official model.
         """
         super().__init__()
         self.backbone = backbone
@@ -168,6 +172,10 @@ class PSALM(nn.Module):
         self.class_projector = nn.Linear(hidden, decoder_dim)
         self.refer_projector = nn.Linear(hidden, decoder_dim)
         self.region_projector = nn.Linear(hidden, decoder_dim)
+        self.refer_as_class = refer_as_class
+        if refer_as_class:
+            self.refer_projector = self.class_projector
+            predictor.refer_head = predictor.class_head
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
         if bool(head_pool_source) != bool(getattr(predictor, "head_pool_dim", 0)):
@@ -242,6 +250,7 @@ class PSALM(nn.Module):
             "freeze_backbone": p.FREEZE_BACKBONE,
             "backbone_eval_mode": p.BACKBONE_EVAL_MODE,
             "refer_pooling": p.REFER_POOLING,
+            "refer_as_class": p.REFER_AS_CLASS,
             "shuffle_classes_train": p.SHUFFLE_CLASSES_TRAIN,
             "lm_loss_weight": p.LM_LOSS_WEIGHT,
             "max_new_tokens": cfg.TEST.PSALM.MAX_NEW_TOKENS,

@@ -317,10 +317,8 @@ class PSALM(nn.Module):
             out.update(self._pixel_decoder(features))
         return out
 
-    def _head_pool_features(self, image_features: Mapping) -> torch.Tensor | None:
-        """The map the predictor pools under each query's mask (MODEL.MASK_FORMER.HEAD_MASK_POOLING), or None."""
-        if not self.head_pool_source:
-            return None
+    def _head_pool_features(self, image_features: Mapping) -> torch.Tensor:
+        """The map the predictor pools under each query's mask (MODEL.MASK_FORMER.HEAD_MASK_POOLING)."""
         if self.head_pool_source == "mask_features":
             return image_features["mask_features"]
         return image_features["features"][self.head_pool_source]
@@ -418,6 +416,8 @@ class PSALM(nn.Module):
         )
         hidden = self.run_llm(sequence)
         cond = self.read_conditions(task, hidden, sequence, prompts)
+        # pool_features only when head mask pooling is on: decoders without that option keep working
+        extra = {"pool_features": self._head_pool_features(image_features)} if self.head_pool_source else {}
         outputs = self.predictor(
             image_features["multi_scale_features"],
             image_features["mask_features"],
@@ -425,7 +425,7 @@ class PSALM(nn.Module):
             cond.refer,
             cond.classes,
             cond.regions,
-            pool_features=self._head_pool_features(image_features),
+            **extra,
         )
         return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
 

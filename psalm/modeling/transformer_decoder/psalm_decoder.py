@@ -160,8 +160,8 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         num_feature_levels: int = 3,
         head_pool_dim: int = 0,
     ):
-        """``head_pool_dim``: channels ``C_p`` of the ``pool_features`` for head mask pooling; 0 = off."""
-        """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers."""
+        """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers.
+        ``head_pool_dim``: channels ``C_p`` of the ``pool_features`` for head mask pooling; 0 = off."""
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS={dec_layers} must be >= 1")

@@ -312,7 +312,7 @@ def test_refer_as_class_and_head_mask_pooling(tokenizer_dir):
     tasks); HEAD_MASK_POOLING on a backbone map feeds that map to the predictor. Both default off."""
     base = build_psalm_model(tiny_cfg(tokenizer_dir))
     assert base.refer_projector is not base.class_projector
-    assert base.predictor.refer_head is not base.predictor.class_head and base.head_pool_source == ""
+    assert base.predictor.refer_head is not base.predictor.class_head and base.predictor.head_pool_source == ""
     torch.manual_seed(0)
     m = build_psalm_model(
         tiny_cfg(

@@ -258,6 +258,9 @@ def test_head_mask_pooling_on_a_backbone_map():
         assert out["pred_refer_logits"].shape == (2, 10, 1)
         with pytest.raises(ValueError, match=r"needs pool_features \[B=2, 16"):
             predictor(ms, mask_features, queries, pool_features=feats["res2"])
+    args = type(predictor).from_config(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shapes)
+    with pytest.raises(ValueError, match="both a source and its channels"):
+        type(predictor)(**{**args, "head_pool_dim": 0})
     for bad, shape in (("res9", shapes), ("res3", None)):
         cfg.defrost()
         cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = bad

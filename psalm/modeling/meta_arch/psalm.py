@@ -126,7 +126,6 @@ class PSALM(nn.Module):
         seg_token: str = "[SEG]",
         model_max_length: int = 2048,
         prompt_style: str = "official",
-        head_pool_source: str = "",
         refer_as_class: bool = False,
     ):
         """
@@ -150,8 +149,6 @@ class PSALM(nn.Module):
             shuffle_classes_train: shuffle the class order of category prompts in training (official).
             lm_loss_weight: weight of the next-token loss of instruction / caption batches.
             max_new_tokens: generation length for instruction / caption inference.
-            head_pool_source: the map the predictor's head mask pooling reads (``""`` = off, the
-                official model; ``"mask_features"``; or a backbone feature such as ``"res2"``).
             refer_as_class: sentence conditions go through the category scoring path: ``refer_projector``
                 is ``class_projector`` and ``predictor.refer_head`` is ``predictor.class_head`` (the same
                 modules; their state-dict entries appear under both names). False: the official model.
@@ -172,18 +169,11 @@ class PSALM(nn.Module):
         self.class_projector = nn.Linear(hidden, decoder_dim)
         self.refer_projector = nn.Linear(hidden, decoder_dim)
         self.region_projector = nn.Linear(hidden, decoder_dim)
-        self.refer_as_class = refer_as_class
         if refer_as_class:
             self.refer_projector = self.class_projector
             predictor.refer_head = predictor.class_head
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
-        if bool(head_pool_source) != bool(getattr(predictor, "head_pool_dim", 0)):
-            raise ValueError(
-                f"head_pool_source={head_pool_source!r} does not match the predictor (built with "
-                f"head_pool_dim={getattr(predictor, 'head_pool_dim', 0)}): set MODEL.MASK_FORMER.HEAD_MASK_POOLING"
-            )
-        self.head_pool_source = head_pool_source
         self.criterion = criterion
         self.region_pooler = region_pooler
         self.postprocessor = postprocessor
@@ -238,7 +228,6 @@ class PSALM(nn.Module):
             "llm": llm,
             "pixel_decoder": pixel_decoder,
             "predictor": build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shapes),
-            "head_pool_source": cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING,
             "criterion": SetCriterion(cfg),
             "region_pooler": RegionPooler.from_config(cfg),
             "postprocessor": PSALMPostProcessor(cfg),
@@ -317,11 +306,15 @@ class PSALM(nn.Module):
             out.update(self._pixel_decoder(features))
         return out
 
-    def _head_pool_features(self, image_features: Mapping) -> torch.Tensor:
-        """The map the predictor pools under each query's mask (MODEL.MASK_FORMER.HEAD_MASK_POOLING)."""
-        if self.head_pool_source == "mask_features":
-            return image_features["mask_features"]
-        return image_features["features"][self.head_pool_source]
+    def _head_pool_features(self, image_features: Mapping) -> dict:
+        """``{"pool_features": map}`` for a predictor with head mask pooling (MODEL.MASK_FORMER.HEAD_MASK_POOLING),
+        else ``{}``: decoders without that option keep their signature."""
+        source = getattr(self.predictor, "head_pool_source", "")
+        if not source:
+            return {}
+        if source == "mask_features":
+            return {"pool_features": image_features["mask_features"]}
+        return {"pool_features": image_features["features"][source]}
 
     def _pixel_decoder(self, features) -> dict:
         mask_features, _, multi_scale = self.pixel_decoder(features)
@@ -416,8 +409,6 @@ class PSALM(nn.Module):
         )
         hidden = self.run_llm(sequence)
         cond = self.read_conditions(task, hidden, sequence, prompts)
-        # pool_features only when head mask pooling is on: decoders without that option keep working
-        extra = {"pool_features": self._head_pool_features(image_features)} if self.head_pool_source else {}
         outputs = self.predictor(
             image_features["multi_scale_features"],
             image_features["mask_features"],
@@ -425,7 +416,7 @@ class PSALM(nn.Module):
             cond.refer,
             cond.classes,
             cond.regions,
-            **extra,
+            **self._head_pool_features(image_features),
         )
         return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
 

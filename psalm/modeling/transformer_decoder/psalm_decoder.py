@@ -158,10 +158,12 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         enforce_input_project: bool,
         dropout: float = 0.0,
         num_feature_levels: int = 3,
+        head_pool_source: str = "",
         head_pool_dim: int = 0,
     ):
         """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers.
-        ``head_pool_dim``: channels ``C_p`` of the ``pool_features`` for head mask pooling; 0 = off."""
+        Head mask pooling: ``head_pool_source`` names the map the caller passes as ``pool_features``
+        (``""`` = off, ``"mask_features"`` or a backbone feature), ``head_pool_dim`` its channels ``C_p``."""
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS={dec_layers} must be >= 1")
@@ -194,6 +196,12 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         self.class_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.refer_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.region_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+        if bool(head_pool_source) != bool(head_pool_dim):
+            raise ValueError(
+                f"head mask pooling needs both a source and its channels; got head_pool_source={head_pool_source!r}, "
+                f"head_pool_dim={head_pool_dim}"
+            )
+        self.head_pool_source = head_pool_source
         self.head_pool_dim = head_pool_dim
         if head_pool_dim:
             self.head_pool_norm = nn.LayerNorm(head_pool_dim)
@@ -227,6 +235,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "dropout": m.DROPOUT,
+            "head_pool_source": source,
             "head_pool_dim": head_pool_dim,
         }
 

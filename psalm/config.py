@@ -74,6 +74,10 @@ def _add_mask_former_config(cfg):
     # ...). Gives the scoring heads the object's appearance (e.g. colour) directly instead of only
     # through the masked cross-attention on the coarse memory levels.
     cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = ""
+    # Beyond the official model (0 = off = official): the same heads also read each query's own soft mask
+    # resampled on a k x k grid over its box (its silhouette, scale- and position-normalised; decoder
+    # docstring). Mean-pooled features carry colour but hardly shape.
+    cfg.MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID = 0
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0

@@ -9,6 +9,7 @@ from psalm.checkpoint import load_strict
 from psalm.checkpoint.vision_keys import official_pixel_decoder_to_psalm, official_predictor_to_psalm
 from psalm.config import get_psalm_cfg
 from psalm.modeling import build_pixel_decoder, build_transformer_decoder
+from psalm.modeling.transformer_decoder.psalm_decoder import mask_shape_grid
 
 from .conftest import REPO_ROOT
 
@@ -266,3 +267,77 @@ def test_head_mask_pooling_on_a_backbone_map():
         cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = bad
         with pytest.raises(ValueError, match="HEAD_MASK_POOLING"):
             build_transformer_decoder(cfg, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, shape)
+
+
+def test_mask_shape_grid_by_hand():
+    """``mask_shape_grid`` samples each soft mask at the k x k cell centres of its own box: a filled box
+    gives all ones wherever it lies and however large it is, a diamond leaves its corners empty, and an
+    empty mask is sampled over the whole map (no NaN, no error)."""
+    H = W = 32
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    small_square = (xx > 4) & (xx < 10) & (yy > 20) & (yy < 26)  # pixels 5..9 x 21..25
+    large_box = (xx > 10) & (xx < 30) & (yy > 2) & (yy < 12)  # a 19 x 9 rectangle
+    diamond = (xx - 16).abs() + (yy - 16).abs() < 6
+    masks = torch.stack([small_square, large_box, diamond, torch.zeros(H, W, dtype=torch.bool)]).float()
+    logits = (masks * 80 - 40)[None]  # [1, 4, H, W], sigmoid ~ 0 / 1
+    grid = mask_shape_grid(logits, 5).reshape(4, 5, 5)
+    torch.testing.assert_close(grid[0], torch.ones(5, 5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(grid[1], torch.ones(5, 5), rtol=0, atol=1e-6)
+    # the diamond spans pixels 11..20 on both axes (10 pixels): cell j is sampled at 11 + 2j + 1, i.e. at
+    # the boundary between two pixels, so bilinear sampling averages the two (cell values 0, 0.5 or 1)
+    inside = diamond.float()
+    want = torch.zeros(5, 5)
+    for i in range(5):
+        for j in range(5):
+            y, x = 11 + 2 * i, 11 + 2 * j
+            want[i, j] = inside[y : y + 2, x : x + 2].mean()
+    torch.testing.assert_close(grid[2], want, rtol=0, atol=1e-6)
+    assert grid[2][0, 0] < 1e-6 and grid[2][2, 2] > 1 - 1e-6  # empty corner, full centre
+    torch.testing.assert_close(grid[3], torch.zeros(5, 5), rtol=0, atol=1e-6)
+    # a box that touches the border is sampled inside the map (border padding)
+    edge = torch.full((1, 1, H, W), -40.0)
+    edge[0, 0, :4, :4] = 40.0
+    torch.testing.assert_close(mask_shape_grid(edge, 3), torch.ones(1, 1, 9), rtol=0, atol=1e-6)
+
+
+def test_head_mask_shape_grid():
+    """HEAD_MASK_SHAPE_GRID: off adds no parameters; a zero projection reproduces the official outputs
+    bitwise; on, the scores change but not the masks, the mask head gets no gradient through the grid,
+    and a negative k is a clear error."""
+    torch.manual_seed(0)
+    cfg, pixel_decoder, base = _build("pytorch")
+    assert not any(k.startswith("head_shape") for k in base.state_dict())
+    _, _, shaped = _build("pytorch", ["MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID", "4"])
+    assert set(shaped.state_dict()) - set(base.state_dict()) == {"head_shape_proj.weight", "head_shape_proj.bias"}
+    assert shaped.head_shape_proj.in_features == 16
+    shaped.load_state_dict(base.state_dict(), strict=False)
+    feats, queries, g = _random_inputs(cfg)
+    D = queries.shape[-1]
+    conds = {
+        "refer_embeddings": torch.randn(2, 1, D, generator=g),
+        "class_embeddings": torch.randn(2, 4, D, generator=g),
+        "region_embeddings": [torch.randn(3, D, generator=g), torch.randn(1, D, generator=g)],
+    }
+    with torch.no_grad():
+        mask_features, _, ms = pixel_decoder.eval()(feats)
+        a = base.eval()(ms, mask_features, queries, **conds)
+        shaped.eval()
+        shaped.head_shape_proj.weight.zero_()
+        shaped.head_shape_proj.bias.zero_()
+        b = shaped(ms, mask_features, queries, **conds)
+        for pa, pb in zip(a["aux_outputs"] + [a], b["aux_outputs"] + [b]):
+            for k in ("pred_masks", "pred_class_logits", "pred_refer_logits"):
+                torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+            for ra, rb in zip(pa["pred_region_logits"], pb["pred_region_logits"]):
+                torch.testing.assert_close(ra, rb, rtol=0, atol=0)
+        shaped.head_shape_proj.weight.copy_(torch.randn(D, 16, generator=g))
+        c = shaped(ms, mask_features, queries, **conds)
+        torch.testing.assert_close(c["pred_masks"], a["pred_masks"], rtol=0, atol=0)
+        assert not torch.allclose(c["pred_class_logits"], a["pred_class_logits"])
+    shaped.train()
+    out = shaped(ms, mask_features, queries, **conds)
+    out["pred_class_logits"].sum().backward()
+    assert all(p.grad is None for p in shaped.mask_embed.parameters())
+    assert shaped.head_shape_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="HEAD_MASK_SHAPE_GRID=-1 must be >= 0"):
+        _build("pytorch", ["MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID", "-1"])

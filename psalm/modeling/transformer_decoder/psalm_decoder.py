@@ -26,6 +26,14 @@ backbone map) is averaged under each query's own predicted mask,
 ``h x w`` (detached: the scoring losses do not move the masks), and the three scoring heads read
 ``decoder_norm(q) + head_pool_proj(LN(p_q))`` instead of ``decoder_norm(q)``; the mask head is unchanged.
 The extra parameters are ``head_pool_norm`` and ``head_pool_proj`` (C_p -> hidden_dim).
+
+Head mask shape (``MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID`` = k, 0 = off = official): at every prediction
+stage, each query's own soft mask ``sigmoid(mask logit)`` (detached, at the mask-feature resolution) is
+resampled bilinearly at the k x k cell centres of its box (the extent of ``sigmoid >= 0.5``; the whole map
+for an empty mask), like an RoIAlign of the mask on itself, and the scoring heads also add
+``head_shape_proj(grid)`` (k*k -> hidden_dim). The grid is scale- and position-normalised, so it tells
+the heads the silhouette (a square fills it, a diamond leaves the corners empty), which mean-pooled
+features cannot. Both options add to the same head input and may be combined.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ __all__ = [
     "TRANSFORMER_DECODER_REGISTRY",
     "PSALMMultiScaleMaskedTransformerDecoder",
     "build_transformer_decoder",
+    "mask_shape_grid",
     "MLP",
 ]
 
@@ -160,10 +169,12 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         num_feature_levels: int = 3,
         head_pool_source: str = "",
         head_pool_dim: int = 0,
+        head_shape_grid: int = 0,
     ):
         """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers.
         Head mask pooling: ``head_pool_source`` names the map the caller passes as ``pool_features``
-        (``""`` = off, ``"mask_features"`` or a backbone feature), ``head_pool_dim`` its channels ``C_p``."""
+        (``""`` = off, ``"mask_features"`` or a backbone feature), ``head_pool_dim`` its channels ``C_p``.
+        ``head_shape_grid``: k of the head mask shape grid (0 = off)."""
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS={dec_layers} must be >= 1")
@@ -206,6 +217,13 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         if head_pool_dim:
             self.head_pool_norm = nn.LayerNorm(head_pool_dim)
             self.head_pool_proj = nn.Linear(head_pool_dim, hidden_dim)
+        if head_shape_grid < 0:
+            raise ValueError(
+                f"MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID={head_shape_grid} must be >= 0 (0 = off, k = a k x k grid)"
+            )
+        self.head_shape_grid = head_shape_grid
+        if head_shape_grid:
+            self.head_shape_proj = nn.Linear(head_shape_grid * head_shape_grid, hidden_dim)
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, input_shape: dict | None = None):
@@ -237,6 +255,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "dropout": m.DROPOUT,
             "head_pool_source": source,
             "head_pool_dim": head_pool_dim,
+            "head_shape_grid": m.HEAD_MASK_SHAPE_GRID,
         }
 
     def forward(
@@ -319,8 +338,11 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_refer_logits": None,
             "pred_region_logits": None,
         }
-        if self.head_pool_dim and (classes is not None or refer is not None or regions is not None):
-            decoded = decoded + self._mask_pooled(pred_masks, pool_features)
+        if classes is not None or refer is not None or regions is not None:
+            if self.head_pool_dim:
+                decoded = decoded + self._mask_pooled(pred_masks, pool_features)
+            if self.head_shape_grid:
+                decoded = decoded + self.head_shape_proj(mask_shape_grid(pred_masks, self.head_shape_grid))
         if classes is not None:
             pred["pred_class_logits"] = torch.einsum("bqd,bkd->bqk", self.class_head(decoded), classes)
         if refer is not None:
@@ -359,6 +381,42 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
                 raise ValueError(f"{name} must be [B={B}, N, D]; got {tuple(t.shape)}")
         if regions is not None and (len(regions) != B or any(r.dim() != 2 for r in regions)):
             raise ValueError(f"region_embeddings must be a list of B={B} tensors [R_b, D]")
+
+
+def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, Q, k*k]: each (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] sampled bilinearly at the
+    k x k cell centres of its box, the pixel extent of ``sigmoid >= 0.5`` (the whole map when that is empty).
+
+    Coordinates: pixel ``i`` covers ``[i, i + 1)``; a box spans ``[min, max + 1)`` on each axis, and cell
+    ``j`` of k is sampled at ``min + (j + 0.5) * (max + 1 - min) / k`` (``grid_sample`` with
+    ``align_corners=False``, border padding)."""
+    B, Q, H, W = pred_masks.shape
+    probs = pred_masks.detach().float().sigmoid()
+    inside = probs >= 0.5
+    extents = []
+    for axis, size in ((-2, W), (-1, H)):  # any over rows -> columns (x); any over columns -> rows (y)
+        hit = inside.any(dim=axis)  # [B, Q, size]
+        idx = torch.arange(size, device=probs.device, dtype=probs.dtype)
+        lo = torch.where(hit, idx, torch.full_like(idx, float(size))).amin(-1)
+        hi = torch.where(hit, idx, torch.full_like(idx, -1.0)).amax(-1) + 1
+        empty = ~hit.any(-1)
+        lo = torch.where(empty, torch.zeros_like(lo), lo)
+        hi = torch.where(empty, torch.full_like(hi, float(size)), hi)
+        extents.append((lo, hi, size))
+    centres = (torch.arange(k, device=probs.device, dtype=probs.dtype) + 0.5) / k  # [k]
+    coords = []
+    for lo, hi, size in extents:
+        pix = lo[..., None] + centres * (hi - lo)[..., None]  # [B, Q, k] pixel coordinates
+        coords.append(pix * 2.0 / size - 1.0)  # grid_sample's normalised coordinates (align_corners=False)
+    gx, gy = coords
+    grid = torch.stack(
+        (gx[:, :, None, :].expand(B, Q, k, k), gy[:, :, :, None].expand(B, Q, k, k)), dim=-1
+    )  # [B, Q, k(y), k(x), 2]
+    sampled = F.grid_sample(
+        probs.reshape(B * Q, 1, H, W), grid.reshape(B * Q, k, k, 2), mode="bilinear",
+        padding_mode="border", align_corners=False,
+    )  # [B*Q, 1, k, k]
+    return sampled.reshape(B, Q, k * k).to(pred_masks.dtype)
 
 
 def build_transformer_decoder(cfg, in_channels: int, input_shape: dict | None = None) -> nn.Module:

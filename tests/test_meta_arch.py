@@ -346,3 +346,21 @@ def test_refer_as_class_and_head_mask_pooling(tokenizer_dir):
     with torch.no_grad():
         out = m([make_input("referring", 3)])[0]
     assert out["instances"].pred_masks.shape == (1, 96, 128) and out["instances"].scores.shape == (1,)
+
+
+def test_head_mask_shape_grid_in_the_model(tokenizer_dir):
+    """HEAD_MASK_SHAPE_GRID through the whole model: every scoring task (category, sentence, region) trains
+    the shape projection, checkpoints round-trip strictly, and inference runs."""
+    torch.manual_seed(0)
+    opts = ("MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID", 5, "MODEL.PSALM.FREEZE_BACKBONE", False)
+    m = build_psalm_model(tiny_cfg(tokenizer_dir, *opts)).train()
+    assert m.predictor.head_shape_proj.in_features == 5 * 5 + 4
+    for task in ("panoptic", "referring", "interactive"):
+        m.zero_grad()
+        sum(m([make_input(task, 1), make_input(task, 2)]).values()).backward()
+        assert m.predictor.head_shape_proj.weight.grad.abs().sum() > 0, task
+    build_psalm_model(tiny_cfg(tokenizer_dir, *opts)).load_state_dict(m.state_dict(), strict=True)
+    m.eval()
+    with torch.no_grad():
+        out = m([make_input("referring", 3)])[0]
+    assert out["instances"].pred_masks.shape == (1, 96, 128)

@@ -270,22 +270,17 @@ def test_head_mask_pooling_on_a_backbone_map():
 
 
 def test_mask_shape_grid_by_hand():
-    """``mask_shape_grid`` samples each soft mask at the k x k cell centres of its own box and appends that
-    box: a filled box gives all ones wherever it lies and however large it is, a diamond leaves its corners
-    empty, and an empty mask is sampled over the whole map (no NaN, no error)."""
+    """``mask_shape_grid`` samples each soft mask at the k x k cell centres of its own box: a filled box
+    gives all ones wherever it lies and however large it is, a diamond leaves its corners empty, and an
+    empty mask is sampled over the whole map (no NaN, no error)."""
     H = W = 32
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    small_square = (xx > 4) & (xx < 10) & (yy > 20) & (yy < 26)  # pixels x 4..9, y 20..25
-    large_box = (xx > 10) & (xx < 30) & (yy > 2) & (yy < 12)  # pixels x 10..29, y 2..11
+    small_square = (xx > 4) & (xx < 10) & (yy > 20) & (yy < 26)  # pixels 5..9 x 21..25
+    large_box = (xx > 10) & (xx < 30) & (yy > 2) & (yy < 12)  # a 19 x 9 rectangle
     diamond = (xx - 16).abs() + (yy - 16).abs() < 6
     masks = torch.stack([small_square, large_box, diamond, torch.zeros(H, W, dtype=torch.bool)]).float()
     logits = (masks * 80 - 40)[None]  # [1, 4, H, W], sigmoid ~ 0 / 1
-    out = mask_shape_grid(logits, 5)[0]  # [4, 25 + 4]
-    assert out.shape == (4, 29)
-    grid, box = out[:, :25].reshape(4, 5, 5), out[:, 25:]
-    # (x0, y0, x1, y1) / 32 with x1, y1 one past the last pixel
-    want_box = torch.tensor([[4, 20, 10, 26], [10, 2, 30, 12], [11, 11, 21, 21], [0, 0, 32, 32]]) / 32.0
-    torch.testing.assert_close(box, want_box, rtol=0, atol=1e-6)
+    grid = mask_shape_grid(logits, 5).reshape(4, 5, 5)
     torch.testing.assert_close(grid[0], torch.ones(5, 5), rtol=0, atol=1e-6)
     torch.testing.assert_close(grid[1], torch.ones(5, 5), rtol=0, atol=1e-6)
     # the diamond spans pixels 11..20 on both axes (10 pixels): cell j is sampled at 11 + 2j + 1, i.e. at
@@ -302,7 +297,7 @@ def test_mask_shape_grid_by_hand():
     # a box that touches the border is sampled inside the map (border padding)
     edge = torch.full((1, 1, H, W), -40.0)
     edge[0, 0, :4, :4] = 40.0
-    torch.testing.assert_close(mask_shape_grid(edge, 3)[..., :9], torch.ones(1, 1, 9), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mask_shape_grid(edge, 3), torch.ones(1, 1, 9), rtol=0, atol=1e-6)
 
 
 def test_head_mask_shape_grid():
@@ -314,7 +309,7 @@ def test_head_mask_shape_grid():
     assert not any(k.startswith("head_shape") for k in base.state_dict())
     _, _, shaped = _build("pytorch", ["MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID", "4"])
     assert set(shaped.state_dict()) - set(base.state_dict()) == {"head_shape_proj.weight", "head_shape_proj.bias"}
-    assert shaped.head_shape_proj.in_features == 4 * 4 + 4  # the grid and the box
+    assert shaped.head_shape_proj.in_features == 16
     shaped.load_state_dict(base.state_dict(), strict=False)
     feats, queries, g = _random_inputs(cfg)
     D = queries.shape[-1]
@@ -335,7 +330,7 @@ def test_head_mask_shape_grid():
                 torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
             for ra, rb in zip(pa["pred_region_logits"], pb["pred_region_logits"]):
                 torch.testing.assert_close(ra, rb, rtol=0, atol=0)
-        shaped.head_shape_proj.weight.copy_(torch.randn(D, 20, generator=g))
+        shaped.head_shape_proj.weight.copy_(torch.randn(D, 16, generator=g))
         c = shaped(ms, mask_features, queries, **conds)
         torch.testing.assert_close(c["pred_masks"], a["pred_masks"], rtol=0, atol=0)
         assert not torch.allclose(c["pred_class_logits"], a["pred_class_logits"])

@@ -30,10 +30,10 @@ The extra parameters are ``head_pool_norm`` and ``head_pool_proj`` (C_p -> hidde
 Head mask shape (``MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID`` = k, 0 = off = official): at every prediction
 stage, each query's own soft mask ``sigmoid(mask logit)`` (detached, at the mask-feature resolution) is
 resampled bilinearly at the k x k cell centres of its box (the extent of ``sigmoid >= 0.5``; the whole map
-for an empty mask), like an RoIAlign of the mask on itself; with the box ``(x0, y0, x1, y1)`` normalised
-by the map size, the scoring heads also add ``head_shape_proj([grid, box])`` (k*k + 4 -> hidden_dim). The
-grid is scale- and position-normalised, so it tells the heads the silhouette (a square fills it, a
-diamond leaves the corners empty), which mean-pooled features cannot; the box tells where and how large. Both options add to the same head input and may be combined.
+for an empty mask), like an RoIAlign of the mask on itself, and the scoring heads also add
+``head_shape_proj(grid)`` (k*k -> hidden_dim). The grid is scale- and position-normalised, so it tells
+the heads the silhouette (a square fills it, a diamond leaves the corners empty), which mean-pooled
+features cannot. Both options add to the same head input and may be combined.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             )
         self.head_shape_grid = head_shape_grid
         if head_shape_grid:
-            self.head_shape_proj = nn.Linear(head_shape_grid * head_shape_grid + 4, hidden_dim)
+            self.head_shape_proj = nn.Linear(head_shape_grid * head_shape_grid, hidden_dim)
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, input_shape: dict | None = None):
@@ -384,13 +384,12 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
 
 
 def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, Q, k*k + 4]: each (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] sampled bilinearly at
-    the k x k cell centres of its box, then the box itself ``(x0 / W, y0 / H, x1 / W, y1 / H)``.
+    """[B, Q, k*k]: each (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] sampled bilinearly at the
+    k x k cell centres of its box, the pixel extent of ``sigmoid >= 0.5`` (the whole map when that is empty).
 
-    The box is the pixel extent of ``sigmoid >= 0.5`` (the whole map when that is empty). Coordinates:
-    pixel ``i`` covers ``[i, i + 1)``; a box spans ``[min, max + 1)`` on each axis, and cell ``j`` of k is
-    sampled at ``min + (j + 0.5) * (max + 1 - min) / k`` (``grid_sample`` with ``align_corners=False``,
-    border padding). The grid is the silhouette (scale- and position-free), the box where and how large."""
+    Coordinates: pixel ``i`` covers ``[i, i + 1)``; a box spans ``[min, max + 1)`` on each axis, and cell
+    ``j`` of k is sampled at ``min + (j + 0.5) * (max + 1 - min) / k`` (``grid_sample`` with
+    ``align_corners=False``, border padding)."""
     B, Q, H, W = pred_masks.shape
     probs = pred_masks.detach().float().sigmoid()
     inside = probs >= 0.5
@@ -417,9 +416,7 @@ def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
         probs.reshape(B * Q, 1, H, W), grid.reshape(B * Q, k, k, 2), mode="bilinear",
         padding_mode="border", align_corners=False,
     )  # [B*Q, 1, k, k]
-    (x0, x1, _), (y0, y1, _) = extents
-    box = torch.stack((x0 / W, y0 / H, x1 / W, y1 / H), dim=-1)  # [B, Q, 4]
-    return torch.cat((sampled.reshape(B, Q, k * k), box), dim=-1).to(pred_masks.dtype)
+    return sampled.reshape(B, Q, k * k).to(pred_masks.dtype)
 
 
 def build_transformer_decoder(cfg, in_channels: int, input_shape: dict | None = None) -> nn.Module:

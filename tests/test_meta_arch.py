@@ -354,7 +354,7 @@ def test_head_mask_shape_grid_in_the_model(tokenizer_dir):
     torch.manual_seed(0)
     opts = ("MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID", 5, "MODEL.PSALM.FREEZE_BACKBONE", False)
     m = build_psalm_model(tiny_cfg(tokenizer_dir, *opts)).train()
-    assert m.predictor.head_shape_proj.in_features == 5 * 5 + 4
+    assert m.predictor.head_shape_proj.in_features == 5 * 5
     for task in ("panoptic", "referring", "interactive"):
         m.zero_grad()
         sum(m([make_input(task, 1), make_input(task, 2)]).values()).backward()

@@ -181,6 +181,24 @@ def test_bad_inputs_raise():
         _build("pytorch", ["MODEL.SEM_SEG_HEAD.CONVS_DIM", "48"])
 
 
+def _random_conditions(D, g):
+    """Category, sentence and region conditions for a batch of 2 (K + 1 = 4 categories; 3 and 1 regions)."""
+    return {
+        "refer_embeddings": torch.randn(2, 1, D, generator=g),
+        "class_embeddings": torch.randn(2, 4, D, generator=g),
+        "region_embeddings": [torch.randn(3, D, generator=g), torch.randn(1, D, generator=g)],
+    }
+
+
+def _assert_same_predictions(a, b):
+    """Bitwise-equal masks and class / refer / region logits at every prediction stage."""
+    for pa, pb in zip(a["aux_outputs"] + [a], b["aux_outputs"] + [b]):
+        for k in ("pred_masks", "pred_class_logits", "pred_refer_logits"):
+            torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+        assert len(pa["pred_region_logits"]) == len(pb["pred_region_logits"])
+        for ra, rb in zip(pa["pred_region_logits"], pb["pred_region_logits"]):
+            torch.testing.assert_close(ra, rb, rtol=0, atol=0)
+
 
 def test_head_mask_pooling():
     """HEAD_MASK_POOLING: off adds no parameters (official state dict); on, the scoring heads read
@@ -197,11 +215,7 @@ def test_head_mask_pooling():
     pooled.eval()
     feats, queries, g = _random_inputs(cfg)
     D = queries.shape[-1]
-    conds = {
-        "refer_embeddings": torch.randn(2, 1, D, generator=g),
-        "class_embeddings": torch.randn(2, 4, D, generator=g),
-        "region_embeddings": [torch.randn(3, D, generator=g), torch.randn(1, D, generator=g)],
-    }
+    conds = _random_conditions(D, g)
     with torch.no_grad():
         mask_features, _, ms = pixel_decoder.eval()(feats)
         with pytest.raises(ValueError, match="pool_features"):
@@ -211,9 +225,7 @@ def test_head_mask_pooling():
         pooled.head_pool_proj.bias.zero_()
         a = base(ms, mask_features, queries, **conds)
         b = pooled(ms, mask_features, queries, **conds, pool_features=mask_features)
-        for pa, pb in zip(a["aux_outputs"] + [a], b["aux_outputs"] + [b]):
-            for k in ("pred_masks", "pred_class_logits", "pred_refer_logits"):
-                torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+        _assert_same_predictions(a, b)
         # the pooling itself, by hand, for a mask that is (almost) a hard 0/1 box
         logits = torch.full((2, 10, 32, 32), -40.0)
         logits[0, 3, 4:12, 8:20] = 40.0
@@ -275,8 +287,8 @@ def test_mask_shape_grid_by_hand():
     empty mask is sampled over the whole map (no NaN, no error)."""
     H = W = 32
     yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    small_square = (xx > 4) & (xx < 10) & (yy > 20) & (yy < 26)  # pixels 5..9 x 21..25
-    large_box = (xx > 10) & (xx < 30) & (yy > 2) & (yy < 12)  # a 19 x 9 rectangle
+    small_square = (xx > 4) & (xx < 10) & (yy > 20) & (yy < 26)  # pixels x 4..9, y 20..25
+    large_box = (xx > 10) & (xx < 30) & (yy > 2) & (yy < 12)  # pixels x 10..29, y 2..11
     diamond = (xx - 16).abs() + (yy - 16).abs() < 6
     masks = torch.stack([small_square, large_box, diamond, torch.zeros(H, W, dtype=torch.bool)]).float()
     logits = (masks * 80 - 40)[None]  # [1, 4, H, W], sigmoid ~ 0 / 1
@@ -313,11 +325,7 @@ def test_head_mask_shape_grid():
     shaped.load_state_dict(base.state_dict(), strict=False)
     feats, queries, g = _random_inputs(cfg)
     D = queries.shape[-1]
-    conds = {
-        "refer_embeddings": torch.randn(2, 1, D, generator=g),
-        "class_embeddings": torch.randn(2, 4, D, generator=g),
-        "region_embeddings": [torch.randn(3, D, generator=g), torch.randn(1, D, generator=g)],
-    }
+    conds = _random_conditions(D, g)
     with torch.no_grad():
         mask_features, _, ms = pixel_decoder.eval()(feats)
         a = base.eval()(ms, mask_features, queries, **conds)
@@ -325,11 +333,7 @@ def test_head_mask_shape_grid():
         shaped.head_shape_proj.weight.zero_()
         shaped.head_shape_proj.bias.zero_()
         b = shaped(ms, mask_features, queries, **conds)
-        for pa, pb in zip(a["aux_outputs"] + [a], b["aux_outputs"] + [b]):
-            for k in ("pred_masks", "pred_class_logits", "pred_refer_logits"):
-                torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
-            for ra, rb in zip(pa["pred_region_logits"], pb["pred_region_logits"]):
-                torch.testing.assert_close(ra, rb, rtol=0, atol=0)
+        _assert_same_predictions(a, b)
         shaped.head_shape_proj.weight.copy_(torch.randn(D, 16, generator=g))
         c = shaped(ms, mask_features, queries, **conds)
         torch.testing.assert_close(c["pred_masks"], a["pred_masks"], rtol=0, atol=0)

@@ -393,7 +393,8 @@ def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
     B, Q, H, W = pred_masks.shape
     probs = pred_masks.detach().float().sigmoid()
     inside = probs >= 0.5
-    extents = []
+    centres = (torch.arange(k, device=probs.device, dtype=probs.dtype) + 0.5) / k  # [k]
+    coords = []
     for axis, size in ((-2, W), (-1, H)):  # any over rows -> columns (x); any over columns -> rows (y)
         hit = inside.any(dim=axis)  # [B, Q, size]
         idx = torch.arange(size, device=probs.device, dtype=probs.dtype)
@@ -402,10 +403,6 @@ def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
         empty = ~hit.any(-1)
         lo = torch.where(empty, torch.zeros_like(lo), lo)
         hi = torch.where(empty, torch.full_like(hi, float(size)), hi)
-        extents.append((lo, hi, size))
-    centres = (torch.arange(k, device=probs.device, dtype=probs.dtype) + 0.5) / k  # [k]
-    coords = []
-    for lo, hi, size in extents:
         pix = lo[..., None] + centres * (hi - lo)[..., None]  # [B, Q, k] pixel coordinates
         coords.append(pix * 2.0 / size - 1.0)  # grid_sample's normalised coordinates (align_corners=False)
     gx, gy = coords

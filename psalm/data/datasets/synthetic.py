@@ -1,7 +1,9 @@
 """The built-in synthetic data set (:mod:`psalm.data.synthetic`), registered for every task.
 
-Names (``split`` in ``train``, ``val``); the files are generated on first use under
-``DATASETS.SYNTHETIC.ROOT`` / ``$PSALM_SYNTHETIC_DIR`` / ``./datasets/psalm_synthetic``:
+Names (``split`` in ``train``, ``val``, ``test``); the files are generated on first use under
+``DATASETS.SYNTHETIC.ROOT`` / ``$PSALM_SYNTHETIC_DIR`` / ``./datasets/psalm_synthetic``.
+``val`` is the dev split (every choice is made there), ``test`` is for reported figures only and has
+its own seed (``DATASETS.SYNTHETIC.TEST_SEED``; :mod:`psalm.data.synthetic`):
 
 | name | task | evaluator |
 |---|---|---|
@@ -11,7 +13,7 @@ Names (``split`` in ``train``, ``val``); the files are generated on first use un
 | ``psalm_synthetic_{split}_referring[_per_ref]`` | referring (one sample per sentence / per object) | cIoU, gIoU |
 | ``psalm_synthetic_{split}_gres[_per_ref]`` | gres (multi-target and no-target expressions) | cIoU, gIoU, N-acc |
 | ``psalm_synthetic_{split}_interactive`` | interactive (point / scribble / box / mask per object) | mIoU |
-| ``psalm_synthetic_val_interactive_{point,scribble,box,mask}`` | interactive, one prompt type | mIoU |
+| ``psalm_synthetic_{val,test}_interactive_{point,scribble,box,mask}`` | interactive, one prompt type | mIoU |
 | ``psalm_synthetic_{split}_caption`` | caption (stage-1 alignment, LLaVA format) | none |
 
 Dicts follow docs/DESIGN.md and are built with the shared loaders of the real data sets (COCO
@@ -152,7 +154,7 @@ def register_synthetic(root: str | None = None, spec: syn.SyntheticSpec | None =
                 reg(name, task, task, _synthetic_categories(lambda n=name, t=task, pr=protocol, p=p: load_referring_json(
                     p[f"{t}_json"], p["image_root"], n, pr, t, _PREPARE), p["instances_json"]), protocol=protocol,
                     json_file=p[f"{task}_json"], image_root=p["image_root"], **things)
-        types = (None,) + (PROMPT_TYPES if split == "val" else ())
+        types = (None,) + (PROMPT_TYPES if split != "train" else ())
         for pt in types:
             name = base + "interactive" + (f"_{pt}" if pt else "")
             reg(name, "interactive", "interactive", _synthetic_categories(lambda n=name, pt=pt, p=p: load_coco_interactive(
@@ -167,6 +169,7 @@ def register_synthetic(root: str | None = None, spec: syn.SyntheticSpec | None =
 def synthetic_spec_from_cfg(cfg) -> syn.SyntheticSpec:
     s = cfg.DATASETS.SYNTHETIC
     return syn.SyntheticSpec(seed=s.SEED, image_size=s.IMAGE_SIZE, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
+                             num_test=s.NUM_TEST, test_seed=s.TEST_SEED,
                              small_radius=tuple(s.SMALL_RADIUS), large_radius=tuple(s.LARGE_RADIUS))
 
 

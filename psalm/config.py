@@ -208,7 +208,10 @@ def _add_data_config(cfg):
     cfg.DATASETS.SYNTHETIC.SEED = 0
     cfg.DATASETS.SYNTHETIC.IMAGE_SIZE = 128
     cfg.DATASETS.SYNTHETIC.NUM_TRAIN = 400
-    cfg.DATASETS.SYNTHETIC.NUM_VAL = 40
+    cfg.DATASETS.SYNTHETIC.NUM_VAL = 40  # psalm_synthetic_val_*: the dev split (every choice is made there)
+    # psalm_synthetic_test_*: reported figures only, drawn from its own seed (psalm/data/synthetic.py)
+    cfg.DATASETS.SYNTHETIC.NUM_TEST = 40
+    cfg.DATASETS.SYNTHETIC.TEST_SEED = 2026
     # half-extent ranges of "small" / "large" objects as fractions of IMAGE_SIZE
     cfg.DATASETS.SYNTHETIC.SMALL_RADIUS = [0.08, 0.10]
     cfg.DATASETS.SYNTHETIC.LARGE_RADIUS = [0.15, 0.19]

@@ -307,7 +307,13 @@ def test_post_panoptic(runs, bundle):
     pan, info = post["panoptic_seg"]
     _exact(pan, t["panoptic.post.panoptic_seg"], "panoptic_seg")
     assert info == m["tasks"]["panoptic"]["segments_info"]
-    _close(post["sem_seg"], t["panoptic.post.sem_seg"], what="sem_seg")
+    # sem_seg is an fp32 island of the official run (README "Official fp32 islands", item 7: the
+    # einsum runs on .float() inputs), not a map computed in fp64: two fp32 sums of Q terms in a
+    # different order (the BLAS kernel of the torch version) differ by a few ulp of the map's scale.
+    # The README puts fp32-island deviations at ~1e-7 relative; 1e-6 relative to the map's scale
+    # (7e-6 here) leaves margin. Ours: 2.0e-7 relative (fp64 instead: 1.6e-7; a sequential fp32 sum: 0).
+    sem_ref = t["panoptic.post.sem_seg"]
+    _close(post["sem_seg"], sem_ref, atol=TOL * max(1.0, float(sem_ref.abs().max())), what="sem_seg")
     inst = post["instances"]
     _same_set(
         inst.pred_masks,

@@ -136,7 +136,10 @@ def test_e2e_panoptic(golden):
     pan, info = out["panoptic_seg"]
     assert torch.equal(pan, t["panoptic.post.panoptic_seg"])
     assert info == m["tasks"]["panoptic"]["segments_info"]
-    torch.testing.assert_close(out["sem_seg"], t["panoptic.post.sem_seg"], atol=1e-6, rtol=0)
+    # an fp32 island of the official run (golden README, "Official fp32 islands" item 7): two fp32
+    # sums of Q terms in another order differ by a few ulp of the map's scale (~1e-7 relative, README)
+    ref = t["panoptic.post.sem_seg"]
+    torch.testing.assert_close(out["sem_seg"], ref, atol=1e-6 * max(1.0, float(ref.abs().max())), rtol=0)
     inst = out["instances"]
     _assert_same_instance_set(
         inst.pred_masks,

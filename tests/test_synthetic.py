@@ -19,7 +19,7 @@ from psalm.data import synthetic as syn
 from psalm.data import synthetic_language as lang
 from psalm.data.visual_prompts import decode_rle
 
-SPEC = syn.SyntheticSpec(seed=3, num_train=24, num_val=6)
+SPEC = syn.SyntheticSpec(seed=3, num_train=24, num_val=6, num_test=6)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,100 @@ def test_same_seed_same_bytes_other_seed_other_bytes(root, tmp_path):
                                   tokenizer=False)
     _, mismatch, _ = filecmp.cmpfiles(root, other, ["train/images/000000.png", "train/referring.json"], shallow=False)
     assert len(mismatch) == 2
+
+
+def _image_bytes(root, split):
+    d = os.path.join(root, split, "images")
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+def test_three_splits_draw_from_disjoint_streams(root):
+    """train / val (dev) / test: every image of every split has its own random streams, and no
+    image appears in two splits."""
+    assert syn.SPLITS == ("train", "val", "test")
+    streams = [tuple(syn.rng_entropy(SPEC, split, i, purpose)) for split in syn.SPLITS
+               for i in range(SPEC.num_images(split)) for purpose in ("scene", "language", "prompts")]
+    assert len(streams) == len(set(streams)) == 3 * (SPEC.num_train + SPEC.num_val + SPEC.num_test)
+    assert {s[0] for s in streams if s[1] == 2} == {SPEC.test_seed} != {SPEC.seed}
+    images = {split: _image_bytes(root, split) for split in syn.SPLITS}
+    assert [len(images[s]) for s in syn.SPLITS] == [SPEC.num_train, SPEC.num_val, SPEC.num_test]
+    seen = {}
+    for split, files in images.items():
+        for name, data in files.items():
+            assert data not in seen, f"{split}/{name} is the same image as {seen[data]}"
+            seen[data] = f"{split}/{name}"
+
+
+def test_test_split_depends_on_test_seed_only(root, tmp_path):
+    """Choosing another training-data seed (or more train / dev images) never moves the test split;
+    another test seed does."""
+    moved = syn.prepare_synthetic(str(tmp_path / "s"), syn.SyntheticSpec(seed=4, num_train=3, num_val=2,
+                                                                          num_test=SPEC.num_test), tokenizer=False)
+    files = [os.path.join("test", f) for f in _tree(os.path.join(root, "test"))]
+    match, mismatch, errors = filecmp.cmpfiles(root, moved, files, shallow=False)
+    assert len(match) == len(files) > 3 * SPEC.num_test and not mismatch and not errors
+    assert _image_bytes(moved, "train")["000000.png"] != _image_bytes(root, "train")["000000.png"]
+    other = syn.prepare_synthetic(str(tmp_path / "t"), syn.SyntheticSpec(seed=3, num_train=1, num_val=1, num_test=2,
+                                                                         test_seed=SPEC.test_seed + 1), tokenizer=False)
+    assert not set(_image_bytes(other, "test").values()) & set(_image_bytes(root, "test").values())
+
+
+def test_dev_split_extends_with_num_val(root, tmp_path):
+    """Image i of the dev split depends on (seed, i) only: the 200-image dev set of the main job starts
+    with the 40 validation images of the earlier main jobs (docs/TRAINING.md)."""
+    small = syn.prepare_synthetic(str(tmp_path / "v"), syn.SyntheticSpec(seed=3, num_train=1, num_val=2, num_test=1),
+                                  tokenizer=False)
+    full = _image_bytes(root, "val")
+    assert _image_bytes(small, "val") == {k: full[k] for k in ("000000.png", "000001.png")}
+
+
+def test_main_job_reports_on_a_test_split_no_choice_saw():
+    """The main-job configs evaluate the test split only. Its streams differ from every stream an
+    earlier comparison drew from: seeds 0 / 1 with split codes 0 (train) / 1 (val: the 40 validation
+    images, the 200-image set, the 100 seed-1 threshold images)."""
+    from psalm.config import get_psalm_cfg
+    from psalm.data.datasets.synthetic import synthetic_spec_from_cfg
+
+    for name in ("psalm_synthetic", "psalm_synthetic_official"):
+        cfg = get_psalm_cfg()
+        cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", f"{name}.yaml"))
+        assert cfg.DATASETS.TEST and all(t.startswith("psalm_synthetic_test_") for t in cfg.DATASETS.TEST)
+        assert all(t.startswith("psalm_synthetic_train_") for t in cfg.DATASETS.TRAIN)
+        spec = synthetic_spec_from_cfg(cfg)
+        assert spec.num_test >= 200 and spec.num_val >= 200
+        past = {(seed, code) for seed in (0, 1) for code in (0, 1)}
+        test = {tuple(syn.rng_entropy(spec, "test", i, "scene"))[:2] for i in range(spec.num_test)}
+        assert test == {(spec.test_seed, 2)} and not test & past
+
+
+def test_official_config_is_the_main_job_without_extensions():
+    """configs/tiny/psalm_synthetic_official.yaml differs from the main job only where it sets a key
+    back to its default (the official model) and in OUTPUT_DIR: same data, splits, schedule and seeds."""
+    from psalm.config import get_psalm_cfg
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    cfgs = {}
+    for name in ("psalm_synthetic", "psalm_synthetic_official"):
+        cfg = get_psalm_cfg()
+        cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", f"{name}.yaml"))
+        cfgs[name] = flat(cfg)
+    default, ext, official = flat(get_psalm_cfg()), cfgs["psalm_synthetic"], cfgs["psalm_synthetic_official"]
+    differ = {k for k in ext if ext[k] != official[k]} - {"OUTPUT_DIR"}
+    assert differ, "the official config must switch the extensions off"
+    assert all(official[k] == default[k] for k in differ), {k: (official[k], default[k]) for k in differ}
+    assert not any(k.startswith(("DATASETS.", "SOLVER.", "INPUT.")) or k == "SEED" for k in differ), differ
+
+
+def test_spec_refuses_empty_splits_and_unknown_split_names():
+    with pytest.raises(ValueError, match="num_test 0"):
+        syn.SyntheticSpec(num_test=0)
+    with pytest.raises(ValueError, match="unknown synthetic split 'dev'"):
+        SPEC.num_images("dev")
 
 
 def test_prepare_is_idempotent_and_regenerates_on_spec_change(root, tmp_path):
@@ -215,8 +309,13 @@ def test_registered_datasets_load_and_map(root):
             assert (masks.sum(0) == 1).all()
         if meta.task == "interactive":
             assert out["region_masks"].shape[0] == len(out["instances"])
-    pan = MetadataCatalog.get("psalm_synthetic_val_panoptic")
-    assert os.path.isfile(pan.panoptic_json) and os.path.isdir(pan.panoptic_root)
+    for split in syn.SPLITS:
+        pan = MetadataCatalog.get(f"psalm_synthetic_{split}_panoptic")
+        assert os.path.isfile(pan.panoptic_json) and os.path.isdir(pan.panoptic_root)
+        assert pan.panoptic_root == os.path.join(root, split, "panoptic")
+    for split in ("val", "test"):  # the evaluation splits have one interactive set per prompt type
+        assert {f"psalm_synthetic_{split}_interactive_{t}" for t in ("point", "scribble", "box", "mask")} <= set(names)
+    assert len(DatasetCatalog.get("psalm_synthetic_test_panoptic")) == SPEC.num_test
 
 
 def test_object_sizes_follow_the_spec_and_bad_sizes_are_refused():

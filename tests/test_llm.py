@@ -6,7 +6,7 @@ import torch
 from psalm.checkpoint import load_strict
 from psalm.checkpoint.phi_keys import official_llm_to_psalm
 from psalm.config import get_psalm_cfg
-from psalm.modeling.llm import build_llm, load_tokenizer
+from psalm.modeling.llm import build_llm, causal_lm_loss, load_tokenizer
 from psalm.modeling.prompt import PromptBuilder
 from psalm.modeling.sequence import SequenceAssembler
 from psalm.modeling.tokenizer import save_tiny_tokenizer
@@ -154,3 +154,69 @@ def test_left_padded_batch_generates_like_single_samples(tmp_path):
             one = asm([p], emb, img[i : i + 1])
             out1 = llm.generate(inputs_embeds=one.inputs_embeds, attention_mask=one.attention_mask.long(), **kwargs)
             assert torch.equal(out2[i], out1[0])
+
+
+# ----------------------------------------------------------------------------------------- loss
+def _full_logits_lm_loss(llm, embeds, mask, labels):
+    """The reference: lm_head at every position ([B, L, V] fp32 logits), shifted cross-entropy."""
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    target = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(flat, target, ignore_index=-100, reduction="sum") / (target != -100).sum()
+
+
+def _lm_batch(seed=0, vocab=387):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(2, 12, 64, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False  # right padding
+    labels = torch.randint(0, vocab, (2, 12), generator=g)
+    labels[0, :7] = -100  # image tokens / prompt
+    labels[1, :4] = -100
+    labels[1, 9:] = -100  # padding
+    return embeds, mask, labels
+
+
+def test_causal_lm_loss_equals_the_full_logits_loss_and_its_gradients():
+    torch.manual_seed(0)
+    llm = build_llm(tiny_cfg()).double().train()
+    embeds, mask, labels = _lm_batch()
+    rows = []
+    hook = llm.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(tuple(inp[0].shape)))
+    x = embeds.clone().requires_grad_()
+    hidden = llm.model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+    loss = causal_lm_loss(llm, hidden, labels)
+    loss.backward()
+    hook.remove()
+    assert rows == [(int((labels[:, 1:] != -100).sum()), 64)]  # lm_head ran on the 9 target positions only
+    grads = {n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, _ in llm.named_parameters()} - {"model.embed_tokens.weight"}
+    llm.zero_grad(set_to_none=True)
+    x_ref = embeds.clone().requires_grad_()
+    ref = _full_logits_lm_loss(llm, x_ref, mask, labels)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-14)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, dict(llm.named_parameters())[n].grad, rtol=1e-10, atol=1e-14, msg=n)
+
+
+def test_causal_lm_loss_in_fp32_matches_closely():
+    torch.manual_seed(1)
+    llm = build_llm(tiny_cfg()).train()
+    embeds, mask, labels = _lm_batch(1)
+    embeds = embeds.float()
+    hidden = llm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    torch.testing.assert_close(causal_lm_loss(llm, hidden, labels), _full_logits_lm_loss(llm, embeds, mask, labels),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_causal_lm_loss_without_targets_is_zero_and_attached():
+    llm = build_llm(tiny_cfg()).train()
+    hidden = torch.randn(1, 5, 64, requires_grad=True)
+    loss = causal_lm_loss(llm, hidden, torch.full((1, 5), -100))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert llm.lm_head.weight.grad is not None and llm.lm_head.weight.grad.abs().max() == 0
+    with pytest.raises(ValueError, match="labels"):
+        causal_lm_loss(llm, hidden, torch.full((1, 4), -100))

@@ -12,6 +12,8 @@
   ``lm_head`` has no bias (official); attention is ``sdpa`` or ``eager``
   (``MODEL.PSALM.LLM.ATTN_IMPLEMENTATION``); gradient checkpointing and freezing are applied from
   the config.
+* :func:`causal_lm_loss` is the LM (instruction) loss: next-token cross-entropy that applies
+  ``lm_head`` only at the positions whose next token is a target, never at image tokens or prompts.
 
 Vocabulary rules: the embedding has ``MODEL.PSALM.LLM.VOCAB_SIZE`` rows, which must be at least
 ``len(tokenizer)``. Loading phi-1_5 (51200 rows, 50295 real tokens) keeps the real rows, sets the
@@ -29,7 +31,10 @@ import os
 import pathlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .prompt import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ __all__ = [
     "build_llm",
     "init_phi_weights_",
     "rebuild_rotary_buffers",
+    "causal_lm_loss",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -298,3 +304,39 @@ def build_llm(cfg, tokenizer=None, device: str | torch.device | None = None, ini
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def causal_lm_loss(
+    llm, hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Causal-LM loss from the LLM's final hidden states: cross-entropy of ``lm_head(h[:, t])``
+    against ``labels[:, t + 1]``, mean over the target tokens.
+
+    ``lm_head`` runs only at the positions whose next label is not ``ignore_index``: a LLaVA-style
+    batch takes the loss on a few answer tokens, so the [B, L, V] fp32 logits of the full forward
+    (256 image tokens and the prompt included; about 1 GB for 4 samples at V = 50297) are never
+    built. The value and the gradients are those of the full-vocabulary, every-position loss
+    (``F.cross_entropy`` over ``logits[:, :-1]`` with ``ignore_index``, summed, divided by the
+    number of targets). Logits are cast to fp32 before the softmax (bf16 autocast included).
+    A batch without any target gives a zero loss that is still attached to the graph (not NaN).
+
+    Args:
+        llm: ``PhiForCausalLM`` (its ``lm_head`` is used).
+        hidden_states: [B, L, H], ``llm.model(...).last_hidden_state``.
+        labels: [B, L] long, ``ignore_index`` where no loss is taken.
+
+    Returns:
+        scalar loss.
+    """
+    if hidden_states.dim() != 3 or hidden_states.shape[:2] != labels.shape:
+        raise ValueError(
+            f"hidden_states {tuple(hidden_states.shape)} must be [B, L, H] with [B, L] = labels {tuple(labels.shape)}"
+        )
+    shift_labels = labels[:, 1:].to(hidden_states.device)
+    target = shift_labels != ignore_index  # [B, L - 1]
+    logits = llm.lm_head(hidden_states[:, :-1][target]).float()  # [N, V]
+    loss = F.cross_entropy(logits, shift_labels[target], reduction="sum")
+    return loss / target.sum().clamp(min=1)

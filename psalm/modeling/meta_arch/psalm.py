@@ -44,8 +44,8 @@ from ..conditions import (
     gather_region_tokens,
     sentence_condition,
 )
-from ..criterion import SetCriterion, next_token_loss
-from ..llm import build_llm, build_tokenizer
+from ..criterion import SetCriterion
+from ..llm import build_llm, build_tokenizer, causal_lm_loss
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import PSALMPostProcessor
 from ..projector import build_projector
@@ -435,10 +435,8 @@ class PSALM(nn.Module):
             feats = self.encode_images(batched_inputs, with_pixel_decoder=False)
             prompts = self.build_prompts(batched_inputs)
             seq = self.sequence_assembler(prompts, self.llm.get_input_embeddings(), feats["image_tokens"])
-            logits = self.llm(
-                inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, use_cache=False
-            ).logits
-            return {"loss_lm": self.lm_loss_weight * next_token_loss(logits, seq.labels)}
+            # lm_head only where a next-token target exists (no [B, L, V] logits)
+            return {"loss_lm": self.lm_loss_weight * causal_lm_loss(self.llm, self.run_llm(seq), seq.labels)}
         fwd = self.forward_segmentation(batched_inputs)
         targets = []
         for i, x in enumerate(batched_inputs):

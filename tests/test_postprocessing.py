@@ -303,3 +303,56 @@ def test_bad_inputs_raise_clear_errors():
         PSALMPostProcessor()(outputs, inputs)
     with pytest.raises(ValueError, match="GREF_NO_TARGET"):
         PSALMPostProcessor(gres_no_target="bogus")
+
+
+def _assert_results_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key, v in a.items():
+        w = b[key]
+        if key == "panoptic_seg":
+            assert torch.equal(v[0], w[0]) and v[1] == w[1]
+        elif key == "instances":
+            for f, x in v.get_fields().items():
+                y = w.get(f)
+                x, y = (x.tensor, y.tensor) if f == "pred_boxes" else (x, y)
+                assert x.dtype == y.dtype and torch.equal(x, y), f
+        elif torch.is_tensor(v):
+            assert v.dtype == w.dtype == torch.float32 and torch.equal(v, w), key
+        else:
+            assert v == w
+
+
+@pytest.mark.parametrize(
+    "task,before",
+    [(t, False) for t in ("panoptic", "instance", "semantic", "referring", "gres", "interactive")]
+    + [("semantic", True)],  # SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE only changes the semantic task
+)
+def test_bf16_autocast_post_processes_exactly_as_fp32(task, before):
+    """Post-processing is an fp32 island: a model run under bf16 autocast (predictor, eval_zero_shot)
+    gets bit-identical results to an fp32 run (autocast would run the semantic einsum in bf16)."""
+    outputs, inputs = _random_batch(2, q=20, k=12, s=96, seed=3)
+    is_thing = [bool(i % 2) for i in range(12)]
+    for d in inputs:
+        d.update(task=task, is_thing=is_thing)
+    post = PSALMPostProcessor(
+        object_mask_threshold=0.2, overlap_threshold=0.5, detections_per_image=15, gres_score_threshold=0.3,
+        semantic_postprocess_before_inference=before,
+    )
+    ref = post(outputs, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = post(outputs, inputs)
+    for a, b in zip(ref, got):
+        _assert_results_equal(a, b)
+
+
+def test_bf16_autocast_functions_stay_fp32():
+    g = torch.Generator().manual_seed(0)
+    cls, masks = torch.randn(30, 11, generator=g) * 3, torch.randn(30, 40, 50, generator=g) * 4
+    ref_sem, ref_scores = semantic_inference(cls, masks), referring_scores(cls[:, :1], masks)
+    ref_resized = resize_mask_logits(masks, (64, 64), (50, 60), (33, 47))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sem, scores = semantic_inference(cls, masks), referring_scores(cls[:, :1], masks)
+        resized = resize_mask_logits(masks, (64, 64), (50, 60), (33, 47))
+        assert torch.is_autocast_enabled("cpu")  # the island restores the caller's autocast state
+    assert sem.dtype == torch.float32 and torch.equal(sem, ref_sem)
+    assert torch.equal(scores, ref_scores) and torch.equal(resized, ref_resized)

@@ -19,10 +19,18 @@ at the original image size:
    * ``interactive``: for each region the top-1 query of sigmoid(region logit) * mask score.
 
 "Mask score" is the mean sigmoid inside the binary mask (logit > 0), as in Mask2Former.
+
+Precision: every function here (and :class:`PSALMPostProcessor`) is an fp32 island. Inputs are cast
+to (at least) fp32 and autocast is switched off inside, so that a model run under bf16 / fp16
+autocast (the predictor, ``tools/eval_zero_shot.py``, training-time evaluation) post-processes
+exactly as an fp32 run does: without this, autocast runs ``semantic_inference``'s einsum (a bmm) in
+bf16 and about 1% of the semantic labels flip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from typing import Mapping, Sequence
 
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PSALMPostProcessor",
+    "fp32_island",
     "valid_size_from_padding_mask",
     "resize_mask_logits",
     "mask_scores",
@@ -53,6 +62,36 @@ __all__ = [
 ]
 
 GRES_NO_TARGET_MODES = ("top1", "empty")
+
+
+def _first_tensor_device(args, kwargs) -> str | None:
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v):
+            return v.device.type
+        if isinstance(v, Mapping):  # predictor outputs
+            for w in v.values():
+                if torch.is_tensor(w):
+                    return w.device.type
+    return None
+
+
+def fp32_island(fn):
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument (and on CPU).
+
+    Post-processing is documented and tested as fp32; an enclosing ``torch.autocast`` must not turn
+    its matmuls / einsums into bf16 or fp16.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = _first_tensor_device(args, kwargs)
+        with contextlib.ExitStack() as stack:
+            for dev in {"cpu", device} - {None}:
+                if torch.amp.is_autocast_available(dev):
+                    stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +119,7 @@ def valid_size_from_padding_mask(padding_mask: torch.Tensor) -> tuple[int, int]:
     return int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
+@fp32_island
 def resize_mask_logits(
     mask_logits: torch.Tensor,
     input_size: tuple[int, int],
@@ -94,7 +134,7 @@ def resize_mask_logits(
         valid_size: (h, w) of the valid region inside the padded input (top-left block).
         output_size: original (height, width).
     Returns:
-        [N, height, width] in ``promote_types(mask_logits.dtype, float32)``.
+        [N, height, width] in ``promote_types(mask_logits.dtype, float32)`` (autocast off).
     """
     dtype = torch.promote_types(mask_logits.dtype, torch.float32)
     x = F.interpolate(mask_logits[None].to(dtype), size=tuple(input_size), mode="bilinear", align_corners=False)[0]
@@ -104,6 +144,7 @@ def resize_mask_logits(
 # ----------------------------------------------------------------------------------------------
 # per-image inference (inputs already at the output size; all computed in fp32)
 # ----------------------------------------------------------------------------------------------
+@fp32_island
 def mask_scores(mask_logits: torch.Tensor) -> torch.Tensor:
     """Mean sigmoid inside each binary mask (logit > 0): [N, H, W] -> [N] (0 for an empty mask)."""
     m = mask_logits.float().flatten(1)
@@ -143,12 +184,14 @@ def _instances(image_size, masks: torch.Tensor, scores: torch.Tensor, **fields) 
     return inst
 
 
+@fp32_island
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Per-class soft masks: class_logits [Q, K+1] (last = background), mask_logits [Q, H, W] -> [K, H, W]."""
     probs = F.softmax(class_logits.float(), dim=-1)[:, :-1]
     return torch.einsum("qk,qhw->khw", probs, mask_logits.float().sigmoid())
 
 
+@fp32_island
 def instance_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -185,6 +228,7 @@ def instance_inference(
     )
 
 
+@fp32_island
 def panoptic_inference(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -239,11 +283,13 @@ def panoptic_inference(
     return panoptic_seg, segments_info
 
 
+@fp32_island
 def referring_scores(refer_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """sigmoid(refer logit) * mask score per query: refer_logits [Q, 1] or [Q], mask_logits [Q, H, W] -> [Q]."""
     return refer_logits.float().reshape(-1).sigmoid() * mask_scores(mask_logits)
 
 
+@fp32_island
 def referring_inference(refer_logits: torch.Tensor, mask_logits: torch.Tensor) -> Instances:
     """The top-1 query: ``Instances`` with pred_masks bool [1, H, W], scores [1], pred_query_ids [1]."""
     scores = referring_scores(refer_logits, mask_logits)
@@ -251,6 +297,7 @@ def referring_inference(refer_logits: torch.Tensor, mask_logits: torch.Tensor) -
     return _instances(mask_logits.shape[-2:], mask_logits[q].float() > 0, scores[q], pred_query_ids=q)
 
 
+@fp32_island
 def gres_inference(
     refer_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -282,11 +329,13 @@ def gres_inference(
     return _instances(image_size, empty, scores.new_zeros(0)), True
 
 
+@fp32_island
 def interactive_scores(region_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """sigmoid(region logit) * mask score: region_logits [R, Q], mask_logits [Q, H, W] -> [R, Q]."""
     return region_logits.float().sigmoid() * mask_scores(mask_logits)[None]
 
 
+@fp32_island
 def interactive_inference(region_logits: torch.Tensor, mask_logits: torch.Tensor) -> Instances:
     """Top-1 query per region (regions may share a query): pred_masks bool [R, H, W], scores [R],
     pred_query_ids [R]."""
@@ -363,6 +412,7 @@ class PSALMPostProcessor:
             "gres_no_target": cfg.TEST.PSALM.GREF_NO_TARGET,
         }
 
+    @fp32_island
     def __call__(self, outputs: Mapping, batched_inputs: Sequence[Mapping]) -> list[dict]:
         """
         Args:
@@ -395,6 +445,7 @@ class PSALMPostProcessor:
             raise ValueError(f"task {task!r} needs the predictor output {name!r}, which is None")
         return value
 
+    @fp32_island
     def single(
         self, inp: Mapping, mask_logits: torch.Tensor, class_logits=None, refer_logits=None, region_logits=None
     ) -> dict:

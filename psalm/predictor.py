@@ -14,6 +14,7 @@ Outputs are the model's result dicts with tensors on ``MODEL.DEVICE`` (as detect
 Usage::
 
     predictor = PSALMPredictor(cfg)
+    predictor = PSALMPredictor.from_pretrained("output/tiny_synthetic")   # a model directory
     out = predictor("img.jpg", task="panoptic", classes=["person", "dog", "grass"])
     out = predictor(img, task="referring", text="the dog on the left")
     out = predictor(img, task="interactive", points=[(120, 80)], boxes=[(10, 10, 200, 150)])
@@ -224,6 +225,27 @@ class PSALMPredictor:
             f"{self.autocast_dtype} autocast" if self.autocast_dtype is not None else "fp32",
         )
 
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, opts: Sequence[str] = (), device: Optional[str] = None):
+        """A predictor for a model directory (``model_final.pth`` + ``config.yaml`` + tokenizer, as written by
+        ``tools/train_net.py`` and ``tools/convert_official.py``; :mod:`psalm.model_dir`).
+
+        Args:
+            model_dir: the directory.
+            opts: config overrides, ``KEY VALUE`` pairs (``MODEL.WEIGHTS`` / ``MODEL.PSALM.TOKENIZER`` among
+                them replace the directory's files).
+            device: ``MODEL.DEVICE`` (default: the directory's config).
+        Raises:
+            FileNotFoundError / ValueError: not a model directory, no weights in it, a config this version
+                cannot read, or weights that do not match the config.
+        """
+        from psalm.model_dir import model_dir_cfg
+
+        opts = list(opts or ())
+        if device is not None:
+            opts += ["MODEL.DEVICE", str(device)]
+        return cls(model_dir_cfg(model_dir, opts))
+
     # ------------------------------------------------------------------ public API
     def __call__(self, image: ImageLike, task: Optional[str] = None, **prompt) -> Dict:
         """Predict one image. Returns the model's output dict (``docs/DESIGN.md``, "Model output")."""
@@ -353,12 +375,13 @@ class PSALMPredictor:
 
     # ------------------------------------------------------------------ helpers
     def _load_weights(self, path: str) -> None:
-        """Load ``MODEL.WEIGHTS`` with the project's ``DetectionCheckpointer`` (``PSALMCheckpointer``:
+        """Load ``MODEL.WEIGHTS`` (a file, or a model directory) with the project's ``DetectionCheckpointer`` (``PSALMCheckpointer``:
         ``weights_only`` torch files, safetensors, detectron2 .pkl); a checkpoint that leaves model
         parameters missing or mis-shaped is an error, not a silently half-random model."""
         from psalm.engine.checkpoint import load_model_weights
+        from psalm.model_dir import resolve_weights
 
-        load_model_weights(self.model, path)
+        load_model_weights(self.model, resolve_weights(path))  # a model directory gives its model_final.pth
         self.model.eval()
 
     def _resize_regions(self, masks: np.ndarray, new_hw) -> torch.Tensor:

@@ -11,6 +11,7 @@ Examples::
 
     # evaluation only (every DATASETS.TEST entry with its DATASETS.TEST_TASKS task)
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/tiny_synthetic   # a model directory
 
     # 2 CPU processes (gloo), or several machines, or torchrun
     python tools/train_net.py --config-file ... --num-gpus 2
@@ -35,6 +36,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from psalm.config import get_psalm_cfg  # noqa: E402
 from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
 from psalm.engine.checkpoint import load_model_weights  # noqa: E402
+from psalm.model_dir import apply_model_dir_weights, save_tokenizer_to  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.train_net")
 
@@ -45,6 +47,7 @@ def setup(args):
     from psalm.data.datasets.synthetic import prepare_synthetic_for_cfg
 
     cfg = get_psalm_cfg(args.config_file, args.opts)
+    apply_model_dir_weights(cfg)  # MODEL.WEIGHTS may name a model directory (its model_final.pth + tokenizer)
     resolve_device(cfg)
     cfg.freeze()
     default_setup(cfg, args)
@@ -52,6 +55,9 @@ def setup(args):
     # generates the built-in synthetic data (and its tokenizer) on first use; a file lock makes
     # concurrent ranks wait for the first one
     prepare_synthetic_for_cfg(cfg)
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        # with default_setup's config.yaml and the trainer's model_final.pth: OUTPUT_DIR is a model directory
+        save_tokenizer_to(cfg, cfg.OUTPUT_DIR)
     return cfg
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
 from psalm.config import get_psalm_cfg
@@ -219,8 +220,29 @@ def test_interactive_type_choice_train_uniform_eval_fixed(tmp_path):
     # same rng seed -> same choice
     a = mapper(d, rng=np.random.default_rng(5))["region_masks"]
     assert torch.equal(a, mapper(d, rng=np.random.default_rng(5))["region_masks"])
-    ev = _mapper(is_train=False, **{"TEST.PSALM.INTERACTIVE_PROMPT_TYPE": "box"})(d)
+    ev = PSALMDatasetMapper(_cfg(), is_train=False, test_prompt_type="box")(d)
     assert ev["region_ann_indices"] == [0] and ev["region_masks"][0].sum() == 400 and "instances" not in ev
+    # no prompt type named: an annotation with two types is ambiguous
+    with pytest.raises(ValueError, match="prompt types"):
+        PSALMDatasetMapper(_cfg(), is_train=False)(d)
+
+
+@pytest.mark.parametrize("prompt_type", ["point", "scribble", "box", "mask"])
+def test_interactive_eval_prompt_type_from_dataset_metadata(tmp_path, prompt_type):
+    """Every coco_interactive_val_<type> evaluates its own type with the default config (the data set
+    keeps only that type; the mapper used to filter by a config key, which left 3 of the 4 sets
+    without a single region: 'need at least one region')."""
+    d = _interactive_dict(tmp_path)
+    obj = np.zeros((d["height"], d["width"]), dtype=bool)
+    obj[10:30, 10:30] = True
+    prompt = _point(d["height"], d["width"], 20, 20) if prompt_type == "point" else encode_rle(obj)
+    d["annotations"] = [{"segmentation": encode_rle(obj), "category_id": 1, "visual_prompts": {prompt_type: prompt}}]
+    import psalm.data.datasets  # noqa: F401  (registers the names)
+
+    name = f"coco_interactive_val_{prompt_type}"
+    assert MetadataCatalog.get(name).prompt_type == prompt_type
+    out = PSALMDatasetMapper(_cfg(), is_train=False, dataset_name=name)(d)
+    assert out["region_ann_indices"] == [0] and out["region_masks"][0].any()
 
 
 def test_interactive_matches_official_golden(tmp_path, golden_dir):

@@ -15,8 +15,9 @@ GT sources per task (training only; evaluation reads its GT in the evaluators):
   crowd annotations are dropped for ``instance``.
 * ``semantic``: ``sem_seg_file_name`` PNG -> one mask per class present (``ignore_label`` excluded).
 * ``interactive``: ``annotations`` with ``visual_prompts`` (training: a type drawn uniformly per
-  annotation among its non-empty types in ``INPUT.INTERACTIVE_PROMPT_TYPES``; evaluation:
-  ``TEST.PSALM.INTERACTIVE_PROMPT_TYPE``). Annotations without a usable prompt are dropped from the
+  annotation among its non-empty types in ``INPUT.INTERACTIVE_PROMPT_TYPES``; evaluation: the
+  data set's metadata ``prompt_type``, e.g. ``box`` for ``coco_interactive_val_box``; a data set
+  without one (``"any"``) is evaluated only if each annotation has a single prompt type). Annotations without a usable prompt are dropped from the
   prompts AND the GT, so region j always belongs to GT j; ``region_ann_indices`` says which
   annotations were kept. Prompts are rasterised (points / scribbles dilated) at the original size.
 
@@ -139,7 +140,7 @@ class PSALMDatasetMapper:
         point_radius: int = 10,
         scribble_radius: int = 5,
         train_prompt_types: Sequence[str] = PROMPT_TYPES,
-        test_prompt_type: str = "point",
+        test_prompt_type: Optional[str] = None,
         class_names: Optional[Sequence[str]] = None,
         is_thing: Optional[Sequence[bool]] = None,
         ignore_label: int = 255,
@@ -151,7 +152,8 @@ class PSALMDatasetMapper:
             image_size: S. pad_value: padded pixel value. image_format: must be "RGB".
             point_radius / scribble_radius: disk radii of the prompt dilation.
             train_prompt_types: prompt types interactive training samples draw from.
-            test_prompt_type: the prompt type of interactive evaluation.
+            test_prompt_type: the prompt type of interactive evaluation; from_config reads the
+                metadata's ``prompt_type`` (None or ``"any"``: each annotation must carry one type).
             class_names: K category names of the data set (category tasks); from_config reads
                 the metadata's ``prompt_class_names``.
             is_thing: K flags (``class_names`` order) copied into every category-task input as
@@ -163,7 +165,9 @@ class PSALMDatasetMapper:
         """
         if image_format != "RGB":
             raise ValueError(f"PSALM reads RGB images (INPUT.FORMAT='RGB'), got {image_format!r}")
-        for t in list(train_prompt_types) + [test_prompt_type]:
+        if test_prompt_type == "any":
+            test_prompt_type = None
+        for t in list(train_prompt_types) + ([test_prompt_type] if test_prompt_type is not None else []):
             if t not in PROMPT_TYPES:
                 raise ValueError(f"unknown visual prompt type {t!r}; expected one of {PROMPT_TYPES}")
         self.is_train = is_train
@@ -188,7 +192,6 @@ class PSALMDatasetMapper:
             "point_radius": cfg.INPUT.POINT_RADIUS,
             "scribble_radius": cfg.INPUT.SCRIBBLE_RADIUS,
             "train_prompt_types": cfg.INPUT.INTERACTIVE_PROMPT_TYPES,
-            "test_prompt_type": cfg.TEST.PSALM.INTERACTIVE_PROMPT_TYPE,
         }
         if dataset_name is not None:
             meta = MetadataCatalog.get(dataset_name)
@@ -196,6 +199,8 @@ class PSALMDatasetMapper:
             ret["class_names"] = meta.get("prompt_class_names", None)
             ret["is_thing"] = meta.get("prompt_is_thing", None)
             ret["ignore_label"] = meta.get("ignore_label", 255)
+            # one source of truth: coco_interactive_val_<type> evaluates <type> prompts
+            ret["test_prompt_type"] = meta.get("prompt_type", None)
         return ret
 
     @staticmethod
@@ -363,12 +368,25 @@ class PSALMDatasetMapper:
 
     def _interactive(self, d: Dict, orig_hw, new_hw, rng):
         region_masks, gt_masks, classes, kept = [], [], [], []
-        allowed = self.train_prompt_types if self.is_train else (self.test_prompt_type,)
         for i, ann in enumerate(d.get("annotations", [])):
             prompts = ann.get("visual_prompts") or {}
             unknown = set(prompts) - set(PROMPT_TYPES)
             if unknown:
                 raise ValueError(f"annotation {ann.get('id')}: unknown visual prompt types {sorted(unknown)}")
+            if self.is_train:
+                allowed = self.train_prompt_types
+            elif self.test_prompt_type is not None:
+                allowed = (self.test_prompt_type,)
+            else:
+                present = [t for t in PROMPT_TYPES if t in prompts and rle_area(prompts[t]) > 0]
+                if len(present) > 1:
+                    raise ValueError(
+                        f"interactive evaluation of {d.get('file_name')!r}: annotation {ann.get('id')} has the "
+                        f"prompt types {present} and the data set names none (metadata prompt_type); evaluate a "
+                        "single-type data set (e.g. coco_interactive_val_point / _scribble / _box / _mask) or build "
+                        "the mapper with test_prompt_type="
+                    )
+                allowed = tuple(present)
             usable = [t for t in allowed if t in prompts and rle_area(prompts[t]) > 0]
             if not usable:
                 continue

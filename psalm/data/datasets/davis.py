@@ -84,6 +84,6 @@ def register_davis(root: str | None = None) -> None:
     register_lazy(
         "davis17_val",
         lambda: load_davis(json_file, davis_root, "davis17_val"),
-        task="interactive", evaluator_type="davis", json_file=json_file, davis_root=davis_root,
+        task="interactive", evaluator_type="davis", prompt_type="mask", json_file=json_file, davis_root=davis_root,
         thing_classes=["object"],
     )

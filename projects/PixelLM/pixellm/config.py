@@ -1,0 +1,111 @@
+"""PixelLM options: ``add_pixellm_config(cfg)`` adds ``MODEL.PIXELLM.*`` (on top of psalm's config).
+
+Defaults are the release (PixelLM-7B) in ``compat`` behaviour, i.e. what the official code does and
+the released weights were trained with. Options that switch to the paper's behaviour say so.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_pixellm_config", "get_pixellm_cfg"]
+
+
+def add_pixellm_config(cfg):
+    p = cfg.MODEL.PIXELLM = CN()
+    # A converted model directory (tools: projects/PixelLM/convert_release.py). When set, the
+    # architecture is read from its config.json and the VISION/LLM/DECODER sizes below must be left
+    # at their defaults (a size set in both places is an error).
+    p.MODEL_DIR = ""
+    # without MODEL_DIR every weight is random; that is an error unless this is set (models trained
+    # from scratch: the tiny test / synthetic configs)
+    p.ALLOW_RANDOM_INIT = False
+    # "compat" (official code; released weights) or "paper" (learnable fusion weights, TRL on).
+    p.SETTING = "compat"
+
+    p.VISION = CN()
+    p.VISION.HIDDEN_SIZE = 1024
+    p.VISION.INTERMEDIATE_SIZE = 4096
+    p.VISION.NUM_LAYERS = 24
+    p.VISION.NUM_HEADS = 16
+    p.VISION.PATCH_SIZE = 14
+    p.VISION.IMAGE_SIZE = 448  # input size S (the release: 448, interpolated from 336)
+    p.VISION.HIDDEN_ACT = "quick_gelu"
+    p.VISION.TAPS = [-2, -11]  # hidden_states indices: LLM + scale 0, scale 1
+    p.VISION.LLM_GRID = 16  # the LLM sees LLM_GRID^2 image tokens
+    p.VISION.PAD_AWARE = True
+
+    p.LLM = CN()
+    p.LLM.VOCAB_SIZE = 32008
+    p.LLM.HIDDEN_SIZE = 4096
+    p.LLM.INTERMEDIATE_SIZE = 11008
+    p.LLM.NUM_LAYERS = 32
+    p.LLM.NUM_HEADS = 32
+    p.LLM.NUM_KV_HEADS = 32
+    p.LLM.RMS_NORM_EPS = 1e-6
+    p.LLM.MAX_POSITION_EMBEDDINGS = 2048
+    p.LLM.ROPE_THETA = 10000.0
+    p.LLM.GRADIENT_CHECKPOINTING = False
+    # LoRA through peft (official: q_proj, v_proj, r 8, alpha 16, dropout 0.05)
+    p.LLM.LORA = CN()
+    p.LLM.LORA.ENABLED = False
+    p.LLM.LORA.R = 8
+    p.LLM.LORA.ALPHA = 16
+    p.LLM.LORA.DROPOUT = 0.05
+    p.LLM.LORA.TARGET_MODULES = ["q_proj", "v_proj"]
+
+    p.DECODER = CN()
+    p.DECODER.DIM = 256
+    p.DECODER.DEPTH = 2
+    p.DECODER.NUM_HEADS = 8
+    p.DECODER.MLP_DIM = 2048
+    p.DECODER.IOU_HEAD_HIDDEN_DIM = 256
+
+    # codebook: SCALES (L) x TOKENS_PER_SCALE (N) tokens [SEG0]..[SEG{L*N-1}] per target
+    p.CODEBOOK = CN()
+    p.CODEBOOK.TOKENS_PER_SCALE = 3
+    p.CODEBOOK.SCALES = 2
+    # which LLM hidden state feeds the decoder: "preceding" (official, the position before each
+    # codebook token) or "at" (the codebook token's own position)
+    p.CODEBOOK.HIDDEN_TAP = "preceding"
+    # token fusion: "compat" (official constants float32(1/(L*N)) per token, i.e. half the mean for
+    # L=2), "mean" (1/N), "learned" (paper: learnable, initialised to 1/N)
+    p.CODEBOOK.TOKEN_FUSION = "compat"
+    # scale fusion: "compat" (constant 1/L) or "learned" (paper)
+    p.CODEBOOK.SCALE_FUSION = "compat"
+
+    p.LOSS = CN()
+    p.LOSS.CE_WEIGHT = 1.0
+    p.LOSS.BCE_WEIGHT = 2.0
+    p.LOSS.DICE_WEIGHT = 0.5
+    # 0: losses on every pixel at the original size (official); > 0: on this many points sampled
+    # with psalm's point sampling (importance sampling as Mask2Former)
+    p.LOSS.NUM_POINTS = 0
+    p.LOSS.OVERSAMPLE_RATIO = 3.0
+    p.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # target refinement loss (paper Sec. 3.2): off in compat (the released code has it commented
+    # out), on in the paper setting. ALPHA is the weight on pixels claimed by >= 2 masks.
+    p.LOSS.TRL = False
+    p.LOSS.TRL_ALPHA = 2.0
+
+    # trainable set (official: LoRA + lm_head + embed_tokens + mask_decoder + text_hidden_fcs +
+    # mm_projector + out_mm_projector); the neck and prompt encoder stay frozen unless enabled
+    p.TRAIN_NECK_AND_PROMPT_ENCODER = False
+
+    p.OUT_SIZE = 0  # fused low-res mask size; 0 = 4 x the CLIP grid (128 for the release)
+    p.MAX_NEW_TOKENS = 512
+    p.MODEL_MAX_LENGTH = 512
+    p.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    p.PIXEL_STD = [58.395, 57.12, 57.375]
+    # tokenizer: a directory with the tokenizer files (the converted model dir has them)
+    p.TOKENIZER = ""
+    return cfg
+
+
+def get_pixellm_cfg(config_file: str | None = None, opts=None):
+    """A fresh config with psalm's and PixelLM's options, optionally merged with a YAML file and ``opts``."""
+    from psalm.config import get_psalm_cfg
+
+    cfg = add_pixellm_config(get_psalm_cfg())
+    if config_file:
+        cfg.merge_from_file(config_file)
+    if opts:
+        cfg.merge_from_list(list(opts))
+    return cfg

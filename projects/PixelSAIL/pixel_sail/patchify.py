@@ -35,7 +35,7 @@ def preprocess_image(rgb: np.ndarray, patch_size: int, max_side: int, mean: Sequ
                      std: Sequence[float]) -> torch.Tensor:
     """uint8 RGB [H, W, 3] (or a [3, H, W] uint8 tensor) -> normalised float [3, H', W'] (official resize,
     bilinear with antialiasing)."""
-    img = torch.as_tensor(np.ascontiguousarray(rgb)) if isinstance(rgb, np.ndarray) else rgb
+    img = torch.from_numpy(np.array(rgb)) if isinstance(rgb, np.ndarray) else rgb
     if img.dim() != 3:
         raise ValueError(f"expected an RGB image [H, W, 3] or [3, H, W], got shape {tuple(img.shape)}")
     if img.shape[0] != 3 and img.shape[-1] == 3:

@@ -1,0 +1,186 @@
+"""Dataset dicts (psalm's registered data sets, detectron2 conventions) -> Pixel-SAIL model inputs.
+
+One mapper for training and evaluation (``PixelSAILDatasetMapper(cfg, is_train, dataset_name, task)``,
+callable ``mapper(dataset_dict, rng=None)``, usable as ``build_psalm_train_loader``'s mapper factory).
+Tasks and their dialogues (question templates ``TEMPLATES``):
+
+* ``referring`` / ``gres``: "Please segment {sentence} in this image." -> "It is [SEG]." with the union
+  of the referred objects (one ``[SEG]`` per expression; gRefCOCO unions, spec B1.3); a no-target gres
+  expression is answered "No target [SEG]." with an all-zero mask. A dict with several sentences
+  (``*_per_ref``) becomes a dialogue of up to ``DATA.MAX_TURNS`` turns.
+* ``interactive`` -> visual-prompt category classification: each region's visual prompt (psalm's
+  point / scribble / box / mask rasters, decoded at the original size) is injected as ``<Prompt_k>``; the
+  prompts are ordered by area, largest first (so smaller ones overwrite), prompt numbers are a random
+  permutation in training and 0..R-1 in evaluation; one turn per region:
+  "What is the category of the region marked by <Prompt_k>?" -> "{class name}.". At most
+  ``NUM_VISUAL_PROMPTS`` regions (the rest are dropped from prompts AND ground truth; the kept ones are
+  listed in ``region_ann_indices``).
+* ``caption`` / ``instruction``: the LLaVA ``conversations`` as turns (LM loss only).
+
+Output: the model-input dict described in ``pixel_sail.modeling`` plus ``file_name``, ``image_id``,
+``sample_id`` (passed through for the evaluators) and ``image_uint8`` [3, H, W] (teachers).
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as d2_utils
+
+from psalm.data.visual_prompts import decode_rle
+from psalm.evaluation.masks import annotation_to_mask, union_mask
+
+from .patchify import mask_to_patches, preprocess_image
+from .tokens import prompt_token
+
+__all__ = ["PixelSAILDatasetMapper", "TEMPLATES", "vp_question", "referring_question", "parse_category"]
+
+TEMPLATES = {
+    "referring": "Please segment {sent} in this image.",
+    "answer": "It is [SEG].",
+    "no_target": "No target [SEG].",
+    "vp_category": "What is the category of the region marked by {prompt}?",
+    "vp_answer": "{name}.",
+}
+PROMPT_ORDER = ("mask", "box", "scribble", "point")
+
+
+def referring_question(sentence: str) -> str:
+    return TEMPLATES["referring"].format(sent=sentence.strip().rstrip("."))
+
+
+def vp_question(k: int) -> str:
+    return TEMPLATES["vp_category"].format(prompt=prompt_token(k))
+
+
+def parse_category(text: str, class_names: List[str]) -> Optional[str]:
+    """The class name the answer names first (whole words, case-insensitive), None if none."""
+    import re
+
+    best, best_pos = None, None
+    for name in class_names:
+        m = re.search(r"\b" + re.escape(name.lower()) + r"s?\b", text.lower())
+        if m and (best_pos is None or m.start() < best_pos):
+            best, best_pos = name, m.start()
+    return best
+
+
+class PixelSAILDatasetMapper:
+    def __init__(self, cfg, is_train: bool, dataset_name: str = "", task: Optional[str] = None):
+        ps = cfg.MODEL.PIXEL_SAIL
+        self.is_train = bool(is_train)
+        self.task = task
+        self.patch_size, self.max_side = ps.PATCH_SIZE, ps.MAX_IMAGE_SIDE
+        self.mean, self.std = list(ps.PIXEL_MEAN), list(ps.PIXEL_STD)
+        self.num_vp = ps.NUM_VISUAL_PROMPTS
+        self.max_turns = ps.DATA.MAX_TURNS
+        self.rasterizer = cfg.TEST.PSALM.GT_POLYGON_RASTERIZER
+        meta = MetadataCatalog.get(dataset_name) if dataset_name else None
+        self.class_names = list(getattr(meta, "thing_classes", []) or []) if meta is not None else []
+        self.prompt_types = list(cfg.INPUT.INTERACTIVE_PROMPT_TYPES)
+
+    # ------------------------------------------------------------------ helpers
+    def _image(self, d: dict):
+        img = d2_utils.read_image(d["file_name"], format="RGB")
+        if (img.shape[0], img.shape[1]) != (d["height"], d["width"]):
+            raise ValueError(f"{d['file_name']}: image is {img.shape[:2]}, dataset dict says {(d['height'], d['width'])}")
+        px = preprocess_image(img, self.patch_size, self.max_side, self.mean, self.std)
+        return img, px
+
+    def _resize_masks(self, masks: np.ndarray, hw) -> torch.Tensor:
+        m = torch.as_tensor(masks, dtype=torch.float32)
+        if m.numel() == 0:
+            return torch.zeros((len(m), *hw))
+        return F.interpolate(m[None], size=hw, mode="nearest")[0]
+
+    def _category_name(self, ann) -> str:
+        if not self.class_names:
+            raise ValueError("interactive (visual-prompt category) data needs metadata thing_classes")
+        return self.class_names[ann["category_id"]]
+
+    # ------------------------------------------------------------------ tasks
+    def _referring(self, d, out, hw, rng):
+        sentences = list(d["sentences"])
+        if self.is_train and len(sentences) > self.max_turns:
+            sentences = list(rng.choice(sentences, self.max_turns, replace=False))
+        no_target = bool(d.get("no_target", False)) or not d.get("annotations")
+        answer = TEMPLATES["no_target"] if (d["task"] == "gres" and no_target) else TEMPLATES["answer"]
+        H, W = d["height"], d["width"]
+        if self.is_train:
+            gt = union_mask(d.get("annotations", []), H, W, rasterizer=self.rasterizer)
+            out["turns"] = [(referring_question(s), answer) for s in sentences]
+            out["gt_masks"] = self._resize_masks(np.repeat(gt[None], len(sentences), 0), hw)
+        else:
+            # one sentence per evaluated sample (official RES protocol); merged for *_per_ref dicts
+            out["question"] = referring_question(" ".join(sentences) if len(sentences) > 1 else sentences[0])
+
+    def _interactive(self, d, out, grid, rng):
+        H, W = d["height"], d["width"]
+        regions = []
+        for j, ann in enumerate(d.get("annotations", [])):
+            vps = ann.get("visual_prompts") or {}
+            types = [t for t in self.prompt_types if t in vps] if self.is_train else [t for t in PROMPT_ORDER if t in vps]
+            if not types:
+                continue
+            t = types[int(rng.integers(len(types)))] if self.is_train else types[0]
+            m = decode_rle(vps[t]).astype(bool)
+            if m.shape != (H, W):
+                raise ValueError(f"visual prompt of {d.get('sample_id')} is {m.shape}, image {(H, W)}")
+            regions.append((j, m))
+        if len(regions) > self.num_vp:
+            keep = sorted(rng.choice(len(regions), self.num_vp, replace=False)) if self.is_train else range(self.num_vp)
+            regions = [regions[i] for i in keep]
+        order = sorted(range(len(regions)), key=lambda i: -int(regions[i][1].sum()))  # largest first
+        if self.is_train:
+            numbers = [int(k) for k in rng.permutation(self.num_vp)[:len(regions)]]
+        else:
+            numbers = list(range(len(regions)))
+        masks = torch.as_tensor(np.stack([regions[i][1] for i in order])) if regions else torch.zeros(0, H, W, dtype=torch.bool)
+        out["vp_patch_masks"] = mask_to_patches(masks, grid)
+        out["vp_ids"] = [numbers[i] for i in order]
+        out["region_ann_indices"] = [regions[i][0] for i in range(len(regions))]
+        qa = [(vp_question(numbers[i]), TEMPLATES["vp_answer"].format(name=self._category_name(d["annotations"][regions[i][0]])))
+              for i in range(len(regions))]
+        if self.is_train:
+            perm = rng.permutation(len(qa))
+            out["turns"] = [qa[i] for i in perm]
+            out["gt_masks"] = None
+        else:
+            out["questions"] = [q for q, _ in qa]
+
+    def _conversation(self, d, out):
+        conv = d.get("conversations") or d.get("conversation")
+        turns = []
+        for i in range(0, len(conv) - 1, 2):
+            if conv[i]["from"] != "human" or conv[i + 1]["from"] != "gpt":
+                raise ValueError(f"{d.get('sample_id')}: conversations must alternate human / gpt")
+            turns.append((conv[i]["value"], conv[i + 1]["value"]))
+        if self.is_train:
+            out["turns"], out["gt_masks"] = turns, None
+        else:
+            out["question"] = turns[0][0]
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, dataset_dict: dict, rng: Optional[np.random.Generator] = None) -> dict:
+        d = copy.deepcopy(dataset_dict)
+        task = self.task or d.get("task")
+        d["task"] = task
+        rng = rng if rng is not None else np.random.default_rng()
+        img, px = self._image(d)
+        p = self.patch_size
+        grid = (px.shape[1] // p, px.shape[2] // p)
+        out = {k: v for k, v in d.items() if k not in ("annotations", "segments_info", "conversations")}
+        out.update(pixel_values=px, grid_hw=grid, task=task, image_uint8=torch.as_tensor(img).permute(2, 0, 1))
+        if task in ("referring", "gres"):
+            self._referring(d, out, tuple(px.shape[1:]), rng)
+        elif task == "interactive":
+            self._interactive(d, out, grid, rng)
+        elif task in ("caption", "instruction"):
+            self._conversation(d, out)
+        else:
+            raise ValueError(f"Pixel-SAIL mapper: unsupported task {task!r} (referring, gres, interactive, caption, instruction)")
+        return out

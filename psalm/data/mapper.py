@@ -43,7 +43,7 @@ from detectron2.structures import Instances, polygons_to_bitmask
 
 from psalm.modeling.tasks import CATEGORY_TASKS, LM_TASKS, SENTENCE_TASKS, check_task
 
-from .visual_prompts import PROMPT_TYPES, decode_rle, rasterize_prompt, rle_area
+from .visual_prompts import PROMPT_TYPES, decode_rle, rasterize_prompt, rle_area, valid_polygons
 
 __all__ = ["PSALMDatasetMapper", "preprocess_image", "resized_shape", "resize_pad_masks"]
 
@@ -299,8 +299,12 @@ class PSALMDatasetMapper:
         """bool [S, S] mask of one annotation (polygons scaled then rasterised; RLE resized)."""
         seg = ann.get("segmentation")
         if isinstance(seg, list):
+            seg = valid_polygons(seg)  # the loaders already drop these; hand-made dicts may not
             if not seg:
-                raise ValueError(f"annotation {ann.get('id')} has an empty polygon list")
+                raise ValueError(
+                    f"annotation {ann.get('id')} has no valid polygon (need >= 3 points, an even number of "
+                    "coordinates); psalm's loaders drop such annotations (detectron2's rule)"
+                )
             sy, sx = new_hw[0] / orig_hw[0], new_hw[1] / orig_hw[1]
             polygons = []
             for poly in seg:

@@ -33,6 +33,7 @@ import numpy as np
 import torch.utils.data as torchdata
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
@@ -309,7 +310,8 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
     Args:
         cfg: config with DATASETS.TRAIN (+ TRAIN_TASKS, TRAIN_RATIOS, TRAIN_RATIO_STEPS,
             TRAIN_RATIOS_AFTER_STEPS), SOLVER.IMS_PER_BATCH (global
-            batch), DATALOADER.{TASK_SAMPLING, ROUND_ROBIN_PERIOD, NUM_WORKERS}, SEED (< 0: a
+            batch), DATALOADER.{TASK_SAMPLING, ROUND_ROBIN_PERIOD, NUM_WORKERS,
+            FILTER_EMPTY_ANNOTATIONS (instance data sets: drop images without annotations)}, SEED (< 0: a
             random seed shared by the ranks and stored in ``state_dict``).
         mapper_factory: ``f(cfg, dataset_name, task) -> callable(dict, rng=None)``; default
             :class:`PSALMDatasetMapper` for training with the data set's metadata and task.
@@ -328,6 +330,12 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
     for i, name in enumerate(names):
         dicts = DatasetCatalog.get(name)
         task = _dataset_task(cfg, i, name, dicts)
+        if task == "instance" and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            # Mask2Former / detectron2: instance training skips images without a non-crowd annotation
+            # (the loaders keep them: evaluation needs every image)
+            dicts = filter_images_with_only_crowd_annotations(dicts)
+            if not dicts:
+                raise ValueError(f"train data set {name!r} has no image with a non-crowd annotation")
         lists.append(dicts)
         mappers.append(mapper_factory(cfg, name, task))
         logger.info("train data set %s: task %s, %d samples", name, task, len(dicts))

@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 __all__ = [
     "PROMPT_TYPES",
     "decode_rle",
+    "valid_polygons",
     "rle_area",
     "encode_rle",
     "disk_kernel",
@@ -34,6 +35,17 @@ __all__ = [
 
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
 _MAX_TRIES = 1000
+
+
+# ----------------------------------------------------------------------------- polygons
+def valid_polygons(polygons) -> list:
+    """The polygons of a COCO ``segmentation`` list that describe an area: an even number of
+    coordinates and at least 3 points (detectron2's ``load_coco_json`` rule).
+
+    Real COCO files contain degenerate ones (a 4-value "polygon" that pycocotools' ``frPyObjects``
+    would read as a box, 2-value ones, odd lengths), which the loaders drop with a logged count.
+    """
+    return [p for p in polygons if len(p) % 2 == 0 and len(p) >= 6]
 
 
 # ----------------------------------------------------------------------------- RLE

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from psalm.data.visual_prompts import decode_rle
+from psalm.data.visual_prompts import decode_rle, valid_polygons
 
 RASTERIZERS = ("coco", "official")
 
@@ -26,6 +26,9 @@ def annotation_to_mask(segmentation, height: int, width: int, rasterizer: str = 
     if rasterizer not in RASTERIZERS:
         raise ValueError(f"polygon rasterizer must be one of {RASTERIZERS}, got {rasterizer!r}")
     if isinstance(segmentation, list):
+        # degenerate polygons (< 3 points, odd length) cover nothing; pycocotools would read a
+        # 4-value one as a box. The loaders drop them already (detectron2's rule)
+        segmentation = valid_polygons(segmentation)
         if rasterizer == "official":
             out = np.zeros((height, width), dtype=np.uint8)
             for poly in segmentation:

@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from psalm.data.visual_prompts import valid_polygons
+
 logger = logging.getLogger(__name__)
 
 README_HINT = "datasets/README.md"
@@ -111,13 +113,32 @@ def log_loaded(name: str, n: int, what: str = "samples") -> None:
     logger.info("Loaded %d %s for data set '%s'", n, what, name)
 
 
-def coco_annotation_to_d2(ann: dict, category_id: int, **extra) -> dict:
+def log_invalid_segmentations(name: str, n: int) -> None:
+    """The count of annotations dropped for want of a valid segmentation (detectron2's warning)."""
+    if n:
+        logger.warning(
+            "Data set '%s': filtered out %d annotation(s) without a valid segmentation (every polygon has "
+            "fewer than 3 points or an odd number of coordinates), as detectron2's COCO loader does",
+            name, n,
+        )
+
+
+def coco_annotation_to_d2(ann: dict, category_id: int, **extra) -> dict | None:
     """One COCO annotation (``segmentation`` polygons / RLE, XYWH ``bbox``) as a detectron2 dataset-dict
     annotation with the contiguous ``category_id``; ``extra`` fields are added as given. The input
-    is not modified (``area`` is kept when present)."""
+    is not modified (``area`` is kept when present).
+
+    Degenerate polygons (fewer than 3 points, odd length) are dropped, as detectron2's
+    ``load_coco_json`` does; None when no valid polygon is left (the caller drops the annotation
+    and reports the count with :func:`log_invalid_segmentations`)."""
+    segm = ann["segmentation"]
+    if isinstance(segm, list):
+        segm = [list(p) for p in valid_polygons(segm)]
+        if not segm:
+            return None
     obj = {
         "id": ann.get("id"),
-        "segmentation": ann["segmentation"],
+        "segmentation": segm,
         "bbox": ann["bbox"],
         "bbox_mode": BoxMode.XYWH_ABS,
         "category_id": category_id,

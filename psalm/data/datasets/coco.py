@@ -26,6 +26,7 @@ from ._common import (
     contiguous_map,
     datasets_root,
     load_json,
+    log_invalid_segmentations,
     log_loaded,
     register_lazy,
     require_path,
@@ -86,7 +87,9 @@ def load_coco_instances_json(
 ) -> list[dict]:
     """A COCO-format instance JSON -> detectron2 dicts (``annotations`` with contiguous ``category_id``).
 
-    Images without annotations are kept (evaluation needs them). Annotations of categories not in
+    Images without annotations are kept (evaluation needs them; the training loader drops them for
+    instance training, as Mask2Former does). Annotations without a valid segmentation (only
+    degenerate polygons) are dropped with a logged count, as detectron2 does. Annotations of categories not in
     ``id_map`` are an error (a wrong label space must not be dropped silently). ``id_map=None``
     keeps the ids as they are.
     """
@@ -95,7 +98,7 @@ def load_coco_instances_json(
     anns_per_image: dict = {}
     for ann in data.get("annotations", []):
         anns_per_image.setdefault(ann["image_id"], []).append(ann)
-    out = []
+    out, n_invalid = [], 0
     for img in data["images"]:
         objs = []
         for ann in anns_per_image.get(img["id"], []):
@@ -105,7 +108,11 @@ def load_coco_instances_json(
                     f"Data set '{dataset_name}': annotation {ann.get('id')} in {json_file!r} has category "
                     f"{cat}, which is not in the registered label space; wrong annotation file?"
                 )
-            objs.append(coco_annotation_to_d2(ann, id_map[cat] if id_map is not None else cat))
+            obj = coco_annotation_to_d2(ann, id_map[cat] if id_map is not None else cat)
+            if obj is None:
+                n_invalid += 1
+                continue
+            objs.append(obj)
         out.append(
             {
                 "file_name": os.path.join(image_root, img[file_name_key]),
@@ -116,6 +123,7 @@ def load_coco_instances_json(
                 "annotations": objs,
             }
         )
+    log_invalid_segmentations(dataset_name, n_invalid)
     log_loaded(dataset_name, len(out), "images")
     return out
 

@@ -27,6 +27,7 @@ from ._common import (
     contiguous_map,
     datasets_root,
     load_json,
+    log_invalid_segmentations,
     log_loaded,
     register_lazy,
     require_path,
@@ -52,7 +53,7 @@ def load_coco_interactive(json_file: str, image_root: str, dataset_name: str, pr
     per_image: dict = {}
     for a in data["annotations"]:
         per_image.setdefault(a["image_id"], []).append(a)
-    out, n_dropped, n_kept = [], 0, 0
+    out, n_dropped, n_kept, n_invalid = [], 0, 0, 0
     for img in data["images"]:
         objs = []
         for a in per_image.get(img["id"], []):
@@ -62,11 +63,13 @@ def load_coco_interactive(json_file: str, image_root: str, dataset_name: str, pr
             if not prompts:
                 n_dropped += 1
                 continue
-            objs.append(
-                coco_annotation_to_d2(
-                    a, id_map[int(a["category_id"])], visual_prompts={k: dict(v) for k, v in prompts.items()}
-                )
+            obj = coco_annotation_to_d2(
+                a, id_map[int(a["category_id"])], visual_prompts={k: dict(v) for k, v in prompts.items()}
             )
+            if obj is None:
+                n_invalid += 1
+                continue
+            objs.append(obj)
         if not objs:
             continue
         n_kept += len(objs)
@@ -81,6 +84,7 @@ def load_coco_interactive(json_file: str, image_root: str, dataset_name: str, pr
                 "annotations": objs,
             }
         )
+    log_invalid_segmentations(dataset_name, n_invalid)
     if n_dropped:
         logger.info(
             "Data set '%s': %d annotation(s) have no %s prompt and are left out (%d kept)",

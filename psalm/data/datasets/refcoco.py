@@ -17,6 +17,7 @@ gRefCOCO (``grefcoco.py``) uses the same file format and loader with ``task="gre
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from psalm.data.class_names import load_categories
@@ -26,10 +27,13 @@ from ._common import (
     contiguous_map,
     datasets_root,
     load_json,
+    log_invalid_segmentations,
     log_loaded,
     register_lazy,
     require_path,
 )
+
+logger = logging.getLogger(__name__)
 
 REFCOCO_SPLITS = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -75,13 +79,21 @@ def load_referring_json(
     id_map = referring_metadata()["thing_dataset_id_to_contiguous_id"]
     images = {img["id"]: img for img in data["images"]}
     anns = {a["id"]: a for a in data["annotations"]}
-    out = []
+    out, n_invalid, n_refs_dropped = [], 0, 0
     for ref in data["refs"]:
         img = images[ref["image_id"]]
         objs = []
         for ann_id in ref["ann_ids"]:
             a = anns[ann_id]
-            objs.append(coco_annotation_to_d2(a, id_map[int(a["category_id"])]))
+            obj = coco_annotation_to_d2(a, id_map[int(a["category_id"])])
+            if obj is None:
+                n_invalid += 1
+                continue
+            objs.append(obj)
+        if ref["ann_ids"] and not objs:
+            # every referred object was degenerate: not a "no target" sample, a sample without GT
+            n_refs_dropped += 1
+            continue
         base = {
             "file_name": os.path.join(image_root, img["file_name"]),
             "height": img["height"],
@@ -105,6 +117,10 @@ def load_referring_json(
             # each dict gets its own annotation dicts: no sharing between samples
             d["annotations"] = [dict(o) for o in objs]
             out.append(d)
+    log_invalid_segmentations(dataset_name, n_invalid)
+    if n_refs_dropped:
+        logger.warning("Data set '%s': %d ref(s) left out: none of their objects has a valid segmentation",
+                       dataset_name, n_refs_dropped)
     log_loaded(dataset_name, len(out), f"{protocol} samples")
     return out
 

@@ -161,9 +161,10 @@ class PixelLM(nn.Module):
 
     # ------------------------------------------------------------------ sequence
     def splice(self, rows: Sequence[torch.Tensor], row_image: Sequence[int], image: Mapping,
-               labels: Sequence[torch.Tensor] | None = None) -> dict:
-        """Right-pad the rows with ``pad_token_id`` (attention mask = ids != pad, as the official
-        collate), then replace the single ``<image>`` of each row by its image's g*g tokens.
+               labels: Sequence[torch.Tensor] | None = None, mask_pad_ids: bool = True) -> dict:
+        """Right-pad the rows with ``pad_token_id``, then replace the single ``<image>`` of each row by
+        its image's g*g tokens. Text attention mask: ``ids != pad`` (the official collate; ``pad`` is
+        ``unk``) with ``mask_pad_ids``, else every position of the row (generated answers).
 
         Returns dict: ``inputs_embeds`` [R, T', H], ``attention_mask`` [R, T'] bool, ``ids``
         [R, T'] (image positions = IMAGE_TOKEN_INDEX), ``labels`` [R, T'] | None.
@@ -176,7 +177,9 @@ class PixelLM(nn.Module):
             r = r.to(dev)
             pad = t - len(r)
             ids = torch.cat([r, r.new_full((pad,), self.pad_token_id)])
-            mask = ids != self.pad_token_id
+            mask = torch.arange(t, device=dev) < len(r)
+            if mask_pad_ids:
+                mask &= ids != self.pad_token_id
             lab = None
             if labels is not None:
                 lab = torch.cat([labels[j].to(dev), r.new_full((pad,), IGNORE_INDEX)])
@@ -270,6 +273,12 @@ class PixelLM(nn.Module):
                "positions": positions, "targets_per_row": [f.shape[0] for f in fused]}
         out.update(self._masks_per_image(batched_inputs, image, fused, row_image))
         return out
+
+    @staticmethod
+    def mask_scores(logits: torch.Tensor) -> torch.Tensor:
+        """[K, H, W] -> [K]: mean sigmoid over the positive pixels (official ``mask_score``)."""
+        pos = (logits > 0).flatten(1)
+        return (logits.sigmoid().flatten(1) * pos).sum(1) / (pos.sum(1) + 1e-6)
 
     def _masks_per_image(self, batched_inputs, image, fused, row_image) -> dict:
         pred, lows, levels = [], [], []

@@ -63,7 +63,7 @@ def preprocess_clip_image(
     """
     resized = resize_longest_side(image, size)
     h, w = resized.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()
     x = (x - torch.tensor(pixel_mean).view(-1, 1, 1)) / torch.tensor(pixel_std).view(-1, 1, 1)
     x = F.pad(x, (0, size - w, 0, size - h))
     return x, (h, w)

@@ -115,6 +115,39 @@ def test_gres_n_acc_t_acc_hand_computed():
     assert res["num_no_target"] == 2
 
 
+def test_gres_top1_mode_says_n_acc_is_zero_by_construction(caplog):
+    """GREF_NO_TARGET=top1 never predicts no-target: N-acc is not a measurement, and the results and
+    the log say so next to it (build_evaluator passes the mode)."""
+    import logging
+
+    from psalm.config import get_psalm_cfg
+    from psalm.evaluation import build_evaluator
+    from psalm.evaluation.referring import NACC_TOP1_KEY
+
+    g = _mask((0, 0), (0, 1))
+    dicts = [
+        {"sample_id": "nt", "height": H, "width": W, "annotations": [], "no_target": True},
+        {"sample_id": "t", "height": H, "width": W, "annotations": [_ann(g)], "no_target": False},
+    ]
+    _register("test_gres_top1", dicts, evaluator_type="gres", task="gres")
+    outputs = [{"instances": _inst(g), "no_target": False}, {"instances": _inst(g), "no_target": False}]
+    results = {}
+    for mode in ("top1", "empty"):
+        cfg = get_psalm_cfg()
+        cfg.TEST.PSALM.GREF_NO_TARGET = mode
+        ev = build_evaluator(cfg, "test_gres_top1", distributed=False)
+        ev.reset()
+        ev.process([{"sample_id": "nt"}, {"sample_id": "t"}], outputs)
+        with caplog.at_level(logging.WARNING):
+            results[mode] = ev.evaluate()["gres"]
+    keys = list(results["top1"])
+    assert results["top1"]["N-acc"] == 0.0 and results["top1"][NACC_TOP1_KEY] == 1.0
+    assert keys.index(NACC_TOP1_KEY) == keys.index("N-acc") + 1  # next to the metric
+    assert results["empty"]["N-acc"] == 0.0 and NACC_TOP1_KEY not in results["empty"]
+    assert caplog.text.count("N-acc = 0.00 is 0 by construction") == 1  # the top1 run only
+    assert all(isinstance(v, (int, float)) for v in results["top1"].values())  # EvalHook needs numbers
+
+
 def test_interactive_per_region_and_rank_gather(monkeypatch):
     g0, g1 = _mask((0, 0), (0, 1)), _mask((2, 2))
     g2 = _mask((3, 4), (2, 4))

@@ -90,7 +90,8 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | None = None, distr
     elif et == "referring":
         evaluators.append(ReferringEvaluator(dataset_name, distributed, output_dir, rasterizer=_rasterizer(cfg)))
     elif et == "gres":
-        evaluators.append(GRESEvaluator(dataset_name, distributed, output_dir, rasterizer=_rasterizer(cfg)))
+        evaluators.append(GRESEvaluator(dataset_name, distributed, output_dir, rasterizer=_rasterizer(cfg),
+                                        no_target_mode=cfg.TEST.PSALM.GREF_NO_TARGET if cfg is not None else None))
     elif et == "interactive":
         evaluators.append(InteractiveEvaluator(dataset_name, distributed, output_dir, rasterizer=_rasterizer(cfg)))
     elif et == "davis":

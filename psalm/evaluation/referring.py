@@ -13,6 +13,12 @@ gRefCOCO additionally (GRES / ReLA rules; "no target" is the positive class): a 
 empty mask. No-target sample: predicted no-target -> TP (IoU 1, adds nothing to I / U); else FN
 (IoU 0, U += |P|). Sample with a target: predicted no-target -> FP (I = 0, U = |G|); else TN.
 ``N-acc`` = TP / (TP + FN), ``T-acc`` = TN / (TN + FP). All numbers are percentages.
+
+With ``TEST.PSALM.GREF_NO_TARGET: "top1"`` (official) the model always returns its top-1 mask, so
+it never predicts "no target" (only a top-1 mask that happens to be empty would count): N-acc is 0
+by construction, not a measurement. The evaluator then adds ``N-acc_by_construction = 1.0`` next
+to ``N-acc`` in the results (:data:`NACC_TOP1_KEY`; results stay numeric for detectron2's EvalHook)
+and says so in the log; use ``"empty"`` to measure N-acc.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from .base import SampleGTEvaluator
 from .masks import intersection_union, iou_from_counts, pred_masks_to_numpy, union_mask
 
 PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# 1.0 in the results when N-acc is 0 by construction (GREF_NO_TARGET=top1 never predicts no-target)
+NACC_TOP1_KEY = "N-acc_by_construction"
 
 
 def _prediction_union(out: dict, hw, what: str) -> np.ndarray:
@@ -66,6 +74,13 @@ class GRESEvaluator(ReferringEvaluator):
 
     task_key = "gres"
 
+    def __init__(self, dataset_name, distributed=True, output_dir=None, rasterizer="coco",
+                 pr_thresholds=PR_THRESHOLDS, no_target_mode=None):
+        """``no_target_mode``: the post-processing's ``TEST.PSALM.GREF_NO_TARGET`` ("top1" / "empty");
+        with "top1" the results flag N-acc as 0 by construction (:data:`NACC_TOP1_KEY` = 1.0)."""
+        super().__init__(dataset_name, distributed, output_dir, rasterizer, pr_thresholds)
+        self.no_target_mode = no_target_mode
+
     def _process_one(self, record, inp, out):
         hw = (record["height"], record["width"])
         gt = union_mask(record["annotations"], *hw, rasterizer=self.rasterizer)
@@ -96,4 +111,13 @@ class GRESEvaluator(ReferringEvaluator):
         for t in self.pr_thresholds:
             res[f"Pr@{t:.1f}"] = 100.0 * float(np.mean([v["iou"] >= t for v in targets])) if targets else float("nan")
         res.update(num_samples=len(vals), num_no_target=count["TP"] + count["FN"])
+        if self.no_target_mode == "top1":
+            self._logger.warning(
+                "[GRESEvaluator] %s: N-acc = %.2f is 0 by construction: TEST.PSALM.GREF_NO_TARGET='top1' (official) "
+                "always returns the top-1 mask and never predicts 'no target'; set 'empty' to measure N-acc "
+                "(results: %s = 1.0)", self.dataset_name, res["N-acc"], NACC_TOP1_KEY,
+            )
+            items = list(res.items())
+            i = [k for k, _ in items].index("N-acc") + 1
+            res = dict(items[:i] + [(NACC_TOP1_KEY, 1.0)] + items[i:])
         return res

@@ -40,8 +40,10 @@ def _add_swin_config(cfg):
 
 
 def _add_mask_former_config(cfg):
-    # Pixel decoder (MSDeformAttnPixelDecoder), Mask2Former names.
-    cfg.MODEL.SEM_SEG_HEAD.NAME = "PSALMMaskHead"
+    # Pixel decoder (MSDeformAttnPixelDecoder), Mask2Former names. (Mask2Former's SEM_SEG_HEAD.NAME,
+    # MASK_FORMER.TRANSFORMER_IN_FEATURE / ENC_LAYERS / SIZE_DIVISIBILITY, INPUT.SEG_PAD_VALUE and
+    # INPUT.DATASET_MAPPER_NAME are not options here: PSALM has one head, one decoder input, no
+    # transformer encoder in the decoder, square padding to INPUT.IMAGE_SIZE and one mapper.)
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
@@ -63,7 +65,6 @@ def _add_mask_former_config(cfg):
     # Transformer decoder (masked attention), Mask2Former names.
     cfg.MODEL.MASK_FORMER = CN()
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "PSALMMultiScaleMaskedTransformerDecoder"
-    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
     # referring / interactive: also -CLASS_WEIGHT * sigmoid(score) in the matching cost, as the class
     # term of category tasks (official PSALM and the paper: mask cost only for these tasks)
@@ -85,14 +86,12 @@ def _add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER.NHEADS = 8
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.0
     cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
-    cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
     # DEC_LAYERS counts the prediction stages as in Mask2Former: DEC_LAYERS - 1 decoder layers.
     cfg.MODEL.MASK_FORMER.DEC_LAYERS = 10
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
     cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
     cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
-    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
     # point-sampled mask losses / matcher
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
@@ -170,6 +169,25 @@ def _add_psalm_model_config(cfg):
 
     # --- training
     cfg.MODEL.PSALM.LM_LOSS_WEIGHT = 1.0
+    # --- initial weights of a training run (read by the trainer when it does not resume; evaluation and
+    # the predictor load MODEL.WEIGHTS only). docs/TRAINING.md "Initial weights", MODEL_ZOO.md.
+    cfg.MODEL.PSALM.INIT = CN()
+    # entries [file, prefix, prefix, ...]: the model keys under each prefix come from that file (a .pth /
+    # .safetensors with our key names, e.g. tools/convert_mask2former.py / convert_phi.py output or a
+    # training run's model_final.pth). A non-empty MODEL.WEIGHTS is one more entry for prefix "" (every
+    # key). Every model key must come from exactly one source (an entry, MODEL.PSALM.LLM.NAME_OR_PATH's
+    # weights, or RANDOM below); anything else (uncovered, covered twice, missing from its file,
+    # unexpected, mis-shaped) is an error that lists the keys.
+    cfg.MODEL.PSALM.INIT.WEIGHTS = []
+    # fnmatch patterns of model keys that start from their initialisation on purpose (new in this stage);
+    # keys that a converter lists as absent by design ("allowed_missing" in its output) count as such too
+    cfg.MODEL.PSALM.INIT.RANDOM = []
+    # fnmatch patterns of FROZEN keys that may stay random because this stage never uses them (stage 1:
+    # the mask side). Any other frozen key left random is an error: it would never learn.
+    cfg.MODEL.PSALM.INIT.FROZEN_RANDOM = []
+    # True: this run trains from scratch on purpose; every key not given by an entry starts random
+    # (the synthetic main job)
+    cfg.MODEL.PSALM.INIT.FROM_SCRATCH = False
     # Default task for inference when a batch does not say (see psalm.modeling.tasks).
     cfg.MODEL.PSALM.TEST_TASK = "panoptic"
 
@@ -178,8 +196,6 @@ def _add_input_config(cfg):
     # Resize the long side to IMAGE_SIZE, pad right/bottom to IMAGE_SIZE x IMAGE_SIZE.
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.PAD_VALUE = 128.0
-    cfg.INPUT.SEG_PAD_VALUE = 0
-    cfg.INPUT.DATASET_MAPPER_NAME = "psalm"
     # visual prompts rasterised as disks (official: point radius 10, scribble radius 5)
     cfg.INPUT.POINT_RADIUS = 10
     cfg.INPUT.SCRIBBLE_RADIUS = 5
@@ -242,8 +258,10 @@ def _add_solver_config(cfg):
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model" (one norm over all gradients)
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
-    # keep at most this many periodic checkpoints (0: all); model_final is always kept
-    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+    # keep at most this many periodic checkpoints (0: all), counting those of earlier runs in OUTPUT_DIR
+    # (a resumed run prunes them too); model_final is always kept. Saves are atomic, so 2 always leaves
+    # an intact previous checkpoint (the full model is ~24 GB per file)
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 2
     # console / metrics.json / TensorBoard period in iterations
     cfg.SOLVER.LOG_PERIOD = 20
 
@@ -263,9 +281,12 @@ def _add_test_config(cfg):
     # official evaluation scripts; use it to reproduce their numbers exactly)
     cfg.TEST.PSALM.GT_POLYGON_RASTERIZER = "coco"
     cfg.TEST.PSALM.MAX_NEW_TOKENS = 128
-    # Inference precision (PSALMPredictor, tools/benchmark.py): "auto" = bf16 autocast on CUDA, fp32 on
+    # Inference precision (PSALMPredictor, tools/benchmark.py, every evaluation: psalm.engine.evaluation): "auto" = bf16 autocast on CUDA, fp32 on
     # CPU; "fp32"; "bf16" (autocast, CUDA or CPU); "fp16" (autocast, CUDA only).
     cfg.TEST.PSALM.DTYPE = "auto"
+    # images per inference batch of the test loader (per process), in tools/train_net.py (--eval-only and
+    # periodic) and tools/eval_zero_shot.py alike (psalm.engine.evaluation)
+    cfg.TEST.PSALM.IMS_PER_BATCH = 4
     # video object segmentation by propagation (psalm.inference.video, the official DAVIS protocol)
     cfg.TEST.PSALM.VIDEO = CN()
     # per object: the first of its TOP_K best queries not taken by an earlier object

@@ -100,6 +100,7 @@ def standin_cfg(output_dir: str, arch: str = "EngineStandIn", **solver):
     cfg = get_psalm_cfg()
     cfg.MODEL.META_ARCHITECTURE = arch
     cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.PSALM.INIT.FROM_SCRATCH = True  # the stand-in has no pretrained weights (its backbone is frozen)
     cfg.DATASETS.TRAIN = tuple(register_standin_data())
     cfg.DATASETS.TEST = ()
     cfg.DATALOADER.NUM_WORKERS = 0

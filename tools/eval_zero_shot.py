@@ -21,10 +21,12 @@ grefcoco      gres            gres (cIoU, gIoU, N-acc, T-acc)               gref
 davis         interactive     davis (J&F)                                   davis17_val
 ============  ==============  ============================================  ===============================
 
-The model is built from the config and ``MODEL.WEIGHTS`` is loaded with detectron2's
-``DetectionCheckpointer`` (a checkpoint that leaves model parameters missing is an error unless
-``--allow-missing-keys``). Image tasks run detectron2's ``inference_on_dataset`` on a test loader
-with :class:`psalm.data.mapper.PSALMDatasetMapper` and ``psalm.evaluation.build_evaluator``;
+The model is built from the config and ``MODEL.WEIGHTS`` is loaded with psalm's checkpointer (an empty
+``MODEL.WEIGHTS`` or a checkpoint that leaves model parameters missing is an error unless
+``--allow-missing-keys``). The evaluation is psalm's one evaluation path
+(:mod:`psalm.engine.evaluation`, also behind ``tools/train_net.py --eval-only``, so both give the same
+metrics): image tasks run detectron2's ``inference_on_dataset`` on batches of ``TEST.PSALM.IMS_PER_BATCH``
+images (:class:`psalm.data.mapper.PSALMDatasetMapper`) with ``psalm.evaluation.build_evaluator``;
 ``davis`` propagates masks through each video (:mod:`psalm.inference.video`) and scores J&F
 (``TEST.PSALM.VIDEO.*``; ``TEST.PSALM.VIDEO.OFFICIAL_GT_RESET True`` reproduces the official
 protocol, which reads later-frame ground truth). Precision: ``TEST.PSALM.DTYPE`` ("auto" = bf16
@@ -48,12 +50,10 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from psalm.engine.checkpoint import load_model_weights  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.evaluation import print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.eval_zero_shot")
 
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets-root", default=None,
                    help="data set root (default $DETECTRON2_DATASETS, else ./datasets)")
     p.add_argument("--allow-missing-keys", action="store_true",
-                   help="evaluate even if MODEL.WEIGHTS leaves model parameters missing (they stay random)")
+                   help="evaluate even if MODEL.WEIGHTS is empty or leaves model parameters missing (they stay "
+                        "random; the metrics are then meaningless)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
@@ -151,67 +152,34 @@ def check_dataset_task(task: str, dataset_name: str) -> str:
 
 # ----------------------------------------------------------------------------- model
 def build_model(cfg, allow_missing_keys: bool = False):
-    """The PSALM model in eval mode with ``MODEL.WEIGHTS`` loaded (random weights, with a warning, if empty)."""
+    """The PSALM model in eval mode with ``MODEL.WEIGHTS`` loaded.
+
+    The missing-weights policy of every evaluation (:func:`psalm.engine.evaluation.load_weights_for_evaluation`):
+    an empty ``MODEL.WEIGHTS`` or a checkpoint that leaves model tensors missing is an error unless
+    ``allow_missing_keys`` (``--allow-missing-keys``).
+    """
+    from psalm.engine.evaluation import load_weights_for_evaluation
     from psalm.modeling.meta_arch import build_psalm_model
 
     model = build_psalm_model(cfg)
+    load_weights_for_evaluation(model, cfg.MODEL.WEIGHTS, allow_missing=allow_missing_keys)
     model.eval()
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: evaluating a randomly initialised model (metrics are meaningless)")
-        return model
-    try:
-        load_model_weights(model, cfg.MODEL.WEIGHTS, allow_incomplete=allow_missing_keys)
-    except ValueError as e:
-        raise ValueError(f"{e}, or pass --allow-missing-keys to evaluate with those parameters random") from None
-    model.eval()  # loading does not change the mode; kept explicit
     return model
-
-
-# ----------------------------------------------------------------------------- data
-class _ProgressLoader:
-    """A data loader wrapped in tqdm (``inference_on_dataset`` needs ``len``)."""
-
-    def __init__(self, loader, desc: str):
-        self.loader, self.desc = loader, desc
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        yield from tqdm(self.loader, total=len(self.loader), desc=self.desc, disable=not comm.is_main_process())
-
-
-def build_test_loader(cfg, dataset_name: str, model_task: str):
-    """detectron2 test loader of ``dataset_name`` with the PSALM mapper forced to ``model_task``."""
-    from psalm.data.mapper import PSALMDatasetMapper
-
-    # category tasks: class_names / is_thing from the metadata's prompt_class_names / prompt_is_thing
-    mapper = PSALMDatasetMapper(cfg, is_train=False, dataset_name=dataset_name, task=model_task)
-    dicts = DatasetCatalog.get(dataset_name)
-    if not dicts:
-        raise ValueError(f"data set {dataset_name!r} is empty")
-    return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(cfg, model, task: str, dataset_name: str):
-    """Run the evaluation; returns the evaluator results (``{}`` on non-main ranks)."""
-    from psalm.evaluation import build_evaluator
-    from psalm.inference import VideoObjectSegmenter, inference_on_davis
-    from psalm.predictor import autocast_context, resolve_inference_dtype
+    """Run the evaluation; returns the evaluator results (``{}`` on non-main ranks).
+
+    The one evaluation path of psalm (:func:`psalm.engine.evaluation.evaluate_dataset`, also behind
+    ``tools/train_net.py --eval-only``): ``TEST.PSALM.DTYPE``, ``TEST.PSALM.IMS_PER_BATCH``, the model task
+    of ``--task``; DAVIS propagates through each video.
+    """
+    from psalm.engine.evaluation import evaluate_dataset
 
     model_task = check_dataset_task(task, dataset_name)
-    device = model.device
-    dtype = resolve_inference_dtype(cfg.TEST.PSALM.DTYPE, device)
-    logger.info("Evaluating %s on %s (model task %s) on %s, %s", task, dataset_name, model_task, device,
-                f"{dtype} autocast" if dtype is not None else "fp32")
-    evaluator = build_evaluator(cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference"))
-    if task == "davis":
-        segmenter = VideoObjectSegmenter(cfg, model, autocast_dtype=dtype)
-        return inference_on_davis(segmenter, DatasetCatalog.get(dataset_name), evaluator)
-    loader = _ProgressLoader(build_test_loader(cfg, dataset_name, model_task), desc=f"{task} {dataset_name}")
-    with autocast_context(device, dtype):
-        return inference_on_dataset(model, loader, evaluator)
+    logger.info("Evaluating %s on %s (model task %s)", task, dataset_name, model_task)
+    return evaluate_dataset(cfg, model, dataset_name, model_task, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"))
 
 
 def _json_safe(obj):

@@ -9,7 +9,11 @@ Examples::
     # 8 GPUs on one machine; resume after an interruption
     python tools/train_net.py --config-file configs/coco/psalm_swin_base_phi15.yaml --num-gpus 8 --resume
 
-    # evaluation only (every DATASETS.TEST entry with its DATASETS.TEST_TASKS task)
+    # stage 2 of the paper from the upstream files (docs/TRAINING.md "Initial weights": MODEL.PSALM.INIT.WEIGHTS)
+    python tools/train_net.py --config-file configs/coco/psalm_swin_base_phi15.yaml --num-gpus 8
+
+    # evaluation only (every DATASETS.TEST entry with its DATASETS.TEST_TASKS task; the evaluation path of
+    # tools/eval_zero_shot.py: TEST.PSALM.DTYPE, TEST.PSALM.IMS_PER_BATCH)
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/tiny_synthetic   # a model directory
 
@@ -17,6 +21,11 @@ Examples::
     python tools/train_net.py --config-file ... --num-gpus 2
     python tools/train_net.py --config-file ... --num-gpus 8 --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
     torchrun --nproc-per-node 8 tools/train_net.py --config-file ...
+
+A run that does not resume starts from ``MODEL.PSALM.INIT.WEIGHTS`` (+ ``MODEL.WEIGHTS``), every model key
+from exactly one source; a frozen part left random is an error unless ``MODEL.PSALM.INIT.FROM_SCRATCH``.
+``--eval-only`` refuses an empty ``MODEL.WEIGHTS`` or a checkpoint that leaves model tensors missing unless
+``--allow-missing-keys`` (as ``tools/eval_zero_shot.py``). ``MODEL.DEVICE cuda`` without CUDA is an error.
 
 ``--num-gpus`` is the number of processes per machine; without CUDA they are CPU processes with the
 gloo backend. Under ``torchrun`` the process group comes from the environment (``RANK``,
@@ -35,7 +44,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from psalm.config import get_psalm_cfg  # noqa: E402
 from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
-from psalm.engine.checkpoint import load_model_weights  # noqa: E402
+from psalm.engine.evaluation import ALLOW_MISSING_FLAG, load_weights_for_evaluation  # noqa: E402
 from psalm.model_dir import apply_model_dir_weights, save_tokenizer_to  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.train_net")
@@ -75,9 +84,8 @@ def main(args):
         model = PSALMTrainer.build_model(cfg)
         checkpointer = PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         path = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
-        if not path:
-            raise ValueError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
-        load_model_weights(model, path)  # a checkpoint that leaves tensors missing is an error
+        # an empty path or a checkpoint that leaves tensors missing is an error unless --allow-missing-keys
+        load_weights_for_evaluation(model, path, allow_missing=args.allow_missing_keys)
         results = PSALMTrainer.test(cfg, model)
         _write_results(cfg, results)
         return results
@@ -88,8 +96,17 @@ def main(args):
     return results
 
 
+def build_parser():
+    """detectron2's ``default_argument_parser`` plus ``--allow-missing-keys`` (for ``--eval-only``)."""
+    parser = default_argument_parser()
+    parser.add_argument(ALLOW_MISSING_FLAG, dest="allow_missing_keys", action="store_true",
+                        help="--eval-only: evaluate even if MODEL.WEIGHTS is empty or leaves model tensors missing "
+                             "(they keep their random initialisation; the metrics are then meaningless)")
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = build_parser().parse_args()
     launch(
         main,
         args.num_gpus,

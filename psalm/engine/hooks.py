@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -31,7 +32,9 @@ class PeriodicCheckpointer(HookBase):
     """Save ``model_{iter:07d}`` every ``period`` iterations and ``model_final`` at ``max_iter``.
 
     Must be registered on every rank (the save is collective). ``max_to_keep`` > 0 deletes the
-    oldest periodic checkpoints beyond that number (``model_final`` is never deleted).
+    oldest periodic checkpoints beyond that number (``model_final`` is never deleted). The count
+    includes the periodic files already in the folder when training starts (a resumed run's
+    earlier checkpoints), so pruning survives a resume.
     """
 
     def __init__(self, checkpointer, period: int, max_to_keep: int = 0, file_prefix: str = "model"):
@@ -41,6 +44,27 @@ class PeriodicCheckpointer(HookBase):
         self.file_prefix = file_prefix
         self._recent: list[str] = []
 
+    def existing_checkpoints(self) -> list[str]:
+        """Periodic checkpoints ``<prefix>_<7 digits>.pth`` in the save folder, oldest iteration first."""
+        folder = self.checkpointer.save_dir
+        if not folder or not os.path.isdir(folder):
+            return []
+        pattern = re.compile(re.escape(self.file_prefix) + r"_(\d{7})\.pth")
+        found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := pattern.fullmatch(name))]
+        return [os.path.join(folder, name) for _, name in sorted(found)]
+
+    def before_train(self):
+        self._recent = self.existing_checkpoints()
+
+    def _prune(self) -> None:
+        if self.max_to_keep <= 0 or not comm.is_main_process():
+            return
+        while len(self._recent) > self.max_to_keep:
+            old = self._recent.pop(0)
+            if os.path.exists(old) and not old.endswith(f"{self.file_prefix}_final.pth"):
+                logger.info("Removing old checkpoint %s (SOLVER.CHECKPOINT_MAX_TO_KEEP=%d)", old, self.max_to_keep)
+                os.remove(old)
+
     def after_step(self):
         it = self.trainer.iter
         max_iter = self.trainer.max_iter
@@ -49,12 +73,11 @@ class PeriodicCheckpointer(HookBase):
         elif self.period > 0 and (it + 1) % self.period == 0:
             name = f"{self.file_prefix}_{it:07d}"
             self.checkpointer.save(name, iteration=it)
-            self._recent.append(os.path.join(self.checkpointer.save_dir, name + ".pth"))
-            if self.max_to_keep > 0 and comm.is_main_process():
-                while len(self._recent) > self.max_to_keep:
-                    old = self._recent.pop(0)
-                    if os.path.exists(old) and not old.endswith(f"{self.file_prefix}_final.pth"):
-                        os.remove(old)
+            path = os.path.join(self.checkpointer.save_dir, name + ".pth")
+            if path in self._recent:  # re-saved after a resume from an earlier file: now the newest
+                self._recent.remove(path)
+            self._recent.append(path)
+            self._prune()
 
 
 class EvalHook(d2_hooks.EvalHook):

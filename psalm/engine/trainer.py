@@ -15,7 +15,12 @@ What it adds to detectron2's defaults (every choice is a config key, see ``psalm
   Python / NumPy / torch RNG states of every rank (:mod:`.checkpoint`), so that ``--resume``
   continues exactly as the uninterrupted run would have;
 * per-task losses in the metrics (``<task>/<loss>``, ``<task>/total_loss``);
-* per-task evaluation of ``DATASETS.TEST`` (task from ``DATASETS.TEST_TASKS`` or the data set).
+* per-task evaluation of ``DATASETS.TEST`` (task from ``DATASETS.TEST_TASKS`` or the data set) through
+  :mod:`.evaluation`, the path ``tools/eval_zero_shot.py`` uses too;
+* the initial weights of a run that does not resume (:meth:`PSALMTrainer.initialize_weights`):
+  ``MODEL.PSALM.INIT.*`` and ``MODEL.WEIGHTS``, every model key from exactly one source
+  (:mod:`psalm.checkpoint.init`); a frozen parameter left random is an error unless the config
+  trains from scratch on purpose (``MODEL.PSALM.INIT.FROM_SCRATCH``).
 
 The trainer does not depend on PSALM's internals: any META_ARCH model that returns a loss dict in
 training works. The only PSALM-specific check: with ``MODEL.PSALM.FREEZE_BACKBONE`` and
@@ -28,15 +33,12 @@ import logging
 import os
 import time
 import weakref
-from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import hooks as d2_hooks
-from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
@@ -44,7 +46,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_st
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import OptimizerState, PerRankState, PSALMCheckpointer
-from .distributed import full_params_for_inference, is_fsdp, unwrap_model, wrap_model
+from .distributed import is_fsdp, unwrap_model, wrap_model
 from .hooks import EvalHook, MetricPrinter, PeriodicCheckpointer
 from .optim import apply_trainable_patterns, build_optimizer, clip_gradients
 from .rng import RNGStreams
@@ -55,14 +57,20 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(cfg) -> str:
-    """``MODEL.DEVICE``, falling back from CUDA to CPU (logged) on a machine without a GPU.
-
-    Call on an unfrozen config before building anything.
-    """
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%r but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
-    return cfg.MODEL.DEVICE
+    """``MODEL.DEVICE``, checked: a CUDA device on a machine without CUDA is an error (never a silent,
+    full-size fp32 CPU run). Call on an unfrozen config before building anything."""
+    device = cfg.MODEL.DEVICE
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"MODEL.DEVICE={device!r} is not a valid torch device (use 'cpu' or 'cuda[:N]')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE={device!r} but CUDA is not available on this machine (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda}); check the driver / CUDA_VISIBLE_DEVICES, or run on CPU on purpose "
+            "with MODEL.DEVICE cpu"
+        )
+    return device
 
 
 def resolve_amp(cfg, device: torch.device):
@@ -265,6 +273,49 @@ class PSALMTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    # ------------------------------------------------------------------ weights
+    def resume_or_load(self, resume: bool = True):
+        """``resume`` and a ``last_checkpoint`` in ``OUTPUT_DIR``: continue from it (model, optimiser, ...).
+        Otherwise start at iteration 0 from the initial weights (:meth:`initialize_weights`)."""
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=True)
+            self.start_iter = self.iter + 1
+            return
+        self.initialize_weights(self.cfg, self.model)
+        self.start_iter = 0
+
+    @staticmethod
+    def initialize_weights(cfg, model):
+        """Load ``MODEL.PSALM.INIT.WEIGHTS`` (+ ``MODEL.WEIGHTS``) into ``model`` strictly by prefix.
+
+        Every key of the model comes from exactly one source (a file entry, the LLM's
+        ``NAME_OR_PATH`` weights, or ``MODEL.PSALM.INIT.RANDOM``); a frozen parameter left random is an
+        error unless ``MODEL.PSALM.INIT.FROM_SCRATCH`` or ``FROZEN_RANDOM``. Returns the
+        :class:`psalm.checkpoint.init.InitPlan`.
+        """
+        from psalm.checkpoint.init import llm_weights_dir, parse_init_entries, plan_initialization
+
+        from .checkpoint import load_partial_state_dict
+
+        init = cfg.MODEL.PSALM.INIT if "PSALM" in cfg.MODEL else None
+        entries = parse_init_entries(list(init.WEIGHTS) if init is not None else [], cfg.MODEL.WEIGHTS)
+        llm_dir = llm_weights_dir(cfg)
+        bare = unwrap_model(model)
+        shapes = {k: tuple(v.shape) for k, v in bare.state_dict().items()}
+        plan = plan_initialization(
+            shapes,
+            entries,
+            random_patterns=list(init.RANDOM) if init is not None else [],
+            from_scratch=bool(init.FROM_SCRATCH) if init is not None else True,
+            prebuilt={"llm.": f"MODEL.PSALM.LLM.NAME_OR_PATH ({llm_dir})"} if llm_dir else None,
+            frozen=[n for n, p in bare.named_parameters() if not p.requires_grad],
+            frozen_random=list(init.FROZEN_RANDOM) if init is not None else [],
+        )
+        if plan.state_dict:
+            load_partial_state_dict(model, plan.state_dict)
+        logger.info("Initial weights (iteration 0):\n%s", plan.summary())
+        return plan
+
     # ------------------------------------------------------------------ state (iteration + hooks)
     def state_dict(self):
         return TrainerBase.state_dict(self)
@@ -299,12 +350,9 @@ class PSALMTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, task: Optional[str] = None):
-        from psalm.data.mapper import PSALMDatasetMapper
+        from .evaluation import build_test_loader
 
-        mapper = PSALMDatasetMapper(cfg, is_train=False, dataset_name=dataset_name, task=task)
-        return build_detection_test_loader(
-            DatasetCatalog.get(dataset_name), mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS
-        )
+        return build_test_loader(cfg, dataset_name, task)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -347,26 +395,16 @@ class PSALMTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ evaluation
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate ``model`` on every ``DATASETS.TEST`` entry with its task (``DATASETS.TEST_TASKS``).
+        """Evaluate ``model`` on every ``DATASETS.TEST`` entry with its task (``DATASETS.TEST_TASKS``)
+        through :func:`psalm.engine.evaluation.evaluate_datasets` (``TEST.PSALM.DTYPE``,
+        ``TEST.PSALM.IMS_PER_BATCH``: the path ``tools/eval_zero_shot.py`` uses).
 
         Returns:
             ``OrderedDict`` data-set name -> results (one data set: its results directly, as detectron2).
         """
-        names = list(cfg.DATASETS.TEST)
-        tasks = list(cfg.DATASETS.TEST_TASKS)
-        if tasks and len(tasks) != len(names):
-            raise ValueError(f"DATASETS.TEST_TASKS has {len(tasks)} entries for {len(names)} DATASETS.TEST data sets")
-        if evaluators is not None and len(evaluators) != len(names):
-            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST data sets")
-        results = OrderedDict()
-        for i, name in enumerate(names):
-            loader = cls.build_test_loader(cfg, name, tasks[i] if tasks else None)
-            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
-            with full_params_for_inference(model, cfg.SOLVER.FSDP.RESHARD_AFTER_FORWARD):
-                results[name] = inference_on_dataset(model, loader, evaluator)
-            if comm.is_main_process():
-                logger.info("Evaluation results for %s in csv format:", name)
-                print_csv_format(results[name])
+        from .evaluation import evaluate_datasets
+
+        results = evaluate_datasets(cfg, model, cfg.DATASETS.TEST, cfg.DATASETS.TEST_TASKS, evaluators)
         if len(results) == 1:
             return list(results.values())[0]
         return results

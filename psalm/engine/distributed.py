@@ -17,6 +17,20 @@ Wrapping (:func:`wrap_model`, ``SOLVER.SHARDING``):
 * ``"fsdp"``: PyTorch FSDP2 ``fully_shard`` on every sub-module whose class name is in
   ``SOLVER.FSDP.WRAP_MODULES`` and then on the root; parameters, gradients and optimiser states
   are sharded. All ranks must run the same task each iteration (the task sampler guarantees it).
+  With bf16 training (``SOLVER.AMP.ENABLED`` and ``PRECISION`` ``"bf16"`` on a GPU) every unit
+  gets the mixed-precision policy ``param_dtype=bf16, reduce_dtype=fp32``
+  (:func:`fsdp_mixed_precision_policy`): parameters are all-gathered and computed in bf16 (half
+  the all-gather traffic and unsharded memory of fp32), gradients are reduce-scattered in fp32 and
+  the sharded fp32 parameters stay the optimiser's master copy. fp16 and fp32 training keep fp32
+  all-gathers (fp16 relies on autocast + ``GradScaler``).
+
+Communication sizes: DDP (and ``"zero"``, which wraps the same DDP) uses PyTorch's default
+gradient buckets, ``bucket_cap_mb=25`` (the first bucket 1 MiB), all-reduced in the gradients'
+dtype (fp32: the parameters stay fp32 under autocast). FSDP communicates one unit at a time: one
+all-gather of the unit's parameters in the forward (and again in the backward when
+``SOLVER.FSDP.RESHARD_AFTER_FORWARD``), one reduce-scatter of its gradients; with the default
+``WRAP_MODULES`` a unit is a Phi-1.5 decoder layer (50.3 M parameters: 101 MB in bf16) or a Swin
+stage, and the root unit holds everything else.
 
 One process uses the bare model whatever ``SOLVER.SHARDING`` says.
 """
@@ -39,6 +53,7 @@ __all__ = [
     "init_from_torchrun_env",
     "launched_by_torchrun",
     "wrap_model",
+    "fsdp_mixed_precision_policy",
     "unwrap_model",
     "is_fsdp",
     "full_params_for_inference",
@@ -160,18 +175,48 @@ def wrap_model(cfg, model: torch.nn.Module) -> torch.nn.Module:
             kwargs["device_ids"] = [device.index if device.index is not None else comm.get_local_rank()]
         return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    return fsdp_shard(cfg, model, fsdp_mixed_precision_policy(cfg, device))
 
-    mesh = init_device_mesh(device.type, (world_size,))
+
+def fsdp_mixed_precision_policy(cfg, device: torch.device):
+    """FSDP2 ``MixedPrecisionPolicy`` for the training precision, or None (fp32 all-gathers).
+
+    bf16 training (``SOLVER.AMP.ENABLED``, ``SOLVER.AMP.PRECISION == "bf16"``, on a GPU: mixed
+    precision is GPU-only, as in :func:`psalm.engine.trainer.resolve_amp`) gives
+    ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``. fp16 keeps
+    fp32 parameters (autocast + ``GradScaler``), and so does fp32 training.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not cfg.SOLVER.AMP.ENABLED or torch.device(device).type != "cuda":
+        return None
+    if cfg.SOLVER.AMP.PRECISION != "bf16":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def fsdp_shard(cfg, model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
+    """``fully_shard`` the ``SOLVER.FSDP.WRAP_MODULES`` units, then the root, over all processes.
+
+    Args:
+        mp_policy: a ``MixedPrecisionPolicy`` for every unit (:func:`fsdp_mixed_precision_policy`
+            gives the one of the config), or None for none.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (comm.get_world_size(),))
     names = set(cfg.SOLVER.FSDP.WRAP_MODULES)
-    reshard = cfg.SOLVER.FSDP.RESHARD_AFTER_FORWARD
+    kwargs = {"mesh": mesh, "reshard_after_forward": cfg.SOLVER.FSDP.RESHARD_AFTER_FORWARD,
+              "mp_policy": mp_policy or MixedPrecisionPolicy()}
     # children before parents (post-order) so that every unit is sharded before its container
     units = [m for m in _post_order(model) if type(m).__name__ in names and m is not model]
     for m in units:
-        fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-    logger.info("FSDP: %d sharded unit(s) of classes %s plus the root", len(units), sorted(names))
+        fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
+    logger.info("FSDP: %d sharded unit(s) of classes %s plus the root; mixed precision %s", len(units),
+                sorted(names), "none (fp32)" if mp_policy is None else mp_policy)
     if not units:
         logger.warning("FSDP: no sub-module of a class in SOLVER.FSDP.WRAP_MODULES=%s; one unit for the "
                        "whole model (all parameters gathered at once)", sorted(names))

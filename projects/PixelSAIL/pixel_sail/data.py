@@ -174,7 +174,7 @@ class PixelSAILDatasetMapper:
         p = self.patch_size
         grid = (px.shape[1] // p, px.shape[2] // p)
         out = {k: v for k, v in d.items() if k not in ("annotations", "segments_info", "conversations")}
-        out.update(pixel_values=px, grid_hw=grid, task=task, image_uint8=torch.as_tensor(img).permute(2, 0, 1))
+        out.update(pixel_values=px, grid_hw=grid, task=task, image_uint8=torch.from_numpy(np.array(img)).permute(2, 0, 1))
         if task in ("referring", "gres"):
             self._referring(d, out, tuple(px.shape[1:]), rng)
         elif task == "interactive":

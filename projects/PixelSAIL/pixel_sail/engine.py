@@ -2,9 +2,13 @@
 AMP, clipping, DDP / FSDP) with the Pixel-SAIL mapper and evaluators."""
 from __future__ import annotations
 
+import logging
 import os
+from collections import OrderedDict
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from psalm.data.samplers import build_psalm_train_loader
 from psalm.engine import PSALMTrainer
@@ -12,6 +16,8 @@ from psalm.engine import PSALMTrainer
 from .data import PixelSAILDatasetMapper
 
 __all__ = ["PixelSAILTrainer"]
+
+logger = logging.getLogger(__name__)
 
 
 class PixelSAILTrainer(PSALMTrainer):
@@ -23,15 +29,82 @@ class PixelSAILTrainer(PSALMTrainer):
             raise ValueError(f"PixelSAILTrainer needs MODEL.META_ARCHITECTURE 'PixelSAIL', got {cfg.MODEL.META_ARCHITECTURE!r}")
         return super().build_model(cfg)
 
+    @staticmethod
+    def initialize_weights(cfg, model):
+        """psalm's strict initial-weights plan (``MODEL.PSALM.INIT.*`` + ``MODEL.WEIGHTS``: every key from
+        exactly one source), with the LLM's source being how it was built: ``MODEL.PIXEL_SAIL.LLM.INIT``
+        "pretrained" (loaded from NAME_OR_PATH) or "random" (declared from scratch). psalm's own rule reads
+        ``MODEL.PSALM.LLM``, which this project does not use."""
+        from psalm.checkpoint.init import parse_init_entries, plan_initialization
+        from psalm.engine.checkpoint import load_partial_state_dict
+        from psalm.engine.distributed import unwrap_model
+
+        init = cfg.MODEL.PSALM.INIT
+        llm = cfg.MODEL.PIXEL_SAIL.LLM
+        bare = unwrap_model(model)
+        plan = plan_initialization(
+            {k: tuple(v.shape) for k, v in bare.state_dict().items()},
+            parse_init_entries(list(init.WEIGHTS), cfg.MODEL.WEIGHTS),
+            random_patterns=list(init.RANDOM), from_scratch=bool(init.FROM_SCRATCH),
+            prebuilt={"llm.": f"MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH ({llm.NAME_OR_PATH})" if llm.INIT == "pretrained"
+                      else "random initialisation (MODEL.PIXEL_SAIL.LLM.INIT 'random')"},
+            frozen=[n for n, p in bare.named_parameters() if not p.requires_grad],
+            frozen_random=list(init.FROZEN_RANDOM))
+        if plan.state_dict:
+            load_partial_state_dict(model, plan.state_dict)
+        logger.info("Initial weights (iteration 0):\n%s", plan.summary())
+        return plan
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_psalm_train_loader(cfg, mapper_factory=lambda c, name, task: PixelSAILDatasetMapper(c, True, name, task))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, task=None):
+        """Batches of ``TEST.PSALM.IMS_PER_BATCH`` mapped dicts (Pixel-SAIL mapper), each process its shard."""
+        from detectron2.data.common import DatasetFromList, MapDataset
+        from detectron2.data.samplers import InferenceSampler
+
+        dicts = DatasetCatalog.get(dataset_name)
+        if not dicts:
+            raise ValueError(f"data set {dataset_name!r} is empty")
         mapper = PixelSAILDatasetMapper(cfg, is_train=False, dataset_name=dataset_name, task=task)
-        return build_detection_test_loader(DatasetCatalog.get(dataset_name), mapper=mapper,
-                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
+        dataset = MapDataset(DatasetFromList(dicts, copy=False), mapper)
+        sampler = torch.utils.data.BatchSampler(InferenceSampler(len(dataset)), int(cfg.TEST.PSALM.IMS_PER_BATCH), False)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                           collate_fn=lambda batch: batch)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate on every ``DATASETS.TEST`` entry (task ``DATASETS.TEST_TASKS``) with the Pixel-SAIL
+        mapper and evaluators, in ``TEST.PSALM.DTYPE`` precision. psalm's ``evaluate_datasets`` builds
+        psalm's own mapper and has no mapper hook, hence this loop."""
+        from detectron2.evaluation import inference_on_dataset, print_csv_format
+        from detectron2.utils import comm
+
+        from psalm.engine.distributed import full_params_for_inference
+        from psalm.engine.evaluation import inference_dtype
+        from psalm.predictor import autocast_context
+
+        names, tasks = list(cfg.DATASETS.TEST), list(cfg.DATASETS.TEST_TASKS)
+        if tasks and len(tasks) != len(names):
+            raise ValueError(f"DATASETS.TEST_TASKS has {len(tasks)} entries for {len(names)} DATASETS.TEST data sets")
+        if evaluators is not None and len(evaluators) != len(names):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} DATASETS.TEST data sets")
+        results = OrderedDict()
+        dtype = inference_dtype(cfg, model)
+        device = next(model.parameters()).device
+        for i, name in enumerate(names):
+            loader = cls.build_test_loader(cfg, name, tasks[i] if tasks else None)
+            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
+            with full_params_for_inference(model, cfg.SOLVER.FSDP.RESHARD_AFTER_FORWARD), autocast_context(device, dtype):
+                results[name] = inference_on_dataset(model, loader, evaluator)
+            if comm.is_main_process():
+                logger.info("Evaluation results for %s in csv format:", name)
+                print_csv_format(results[name])
+        if len(results) == 1:
+            return list(results.values())[0]
+        return results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

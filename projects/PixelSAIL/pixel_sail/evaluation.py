@@ -94,7 +94,12 @@ def parse_option(text: str, options: str = "ABCD") -> Optional[str]:
     m = re.search(r"(?:answer|choice|option)\s*(?:is|:)?\s*\(?([%s])\b" % opts, text, flags=re.I)
     if m:
         return m.group(1).upper()
-    m = re.search(r"(?<![A-Za-z])\(?([%s])(?:\)|\.|:|,|\s|$)" % opts, text.strip())
+    m = re.search(r"\(([%s])\)" % opts, text)  # "(B)"
+    if m:
+        return m.group(1)
+    # a capital letter standing alone and followed by ".", ")", ":", "," or the end ("B.", "C)"); a bare
+    # "A" inside a sentence is the article, not an option
+    m = re.search(r"(?<![A-Za-z])([%s])(?=[.):,]|\s*$)" % opts, text.strip())
     return m.group(1).upper() if m else None
 
 

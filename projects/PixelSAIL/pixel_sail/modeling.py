@@ -276,11 +276,13 @@ class PixelSAIL(nn.Module):
     def inference(self, batched_inputs: List[dict]) -> List[dict]:
         jobs, owners = [], []  # one generation per question
         for i, inp in enumerate(batched_inputs):
-            qs = inp.get("questions") or [inp["question"]]
+            if "questions" not in inp and "question" not in inp:
+                raise KeyError(f"model input {inp.get('sample_id')} (task {inp.get('task')}) has no question(s); keys {sorted(inp)}")
+            qs = inp["questions"] if "questions" in inp else [inp["question"]]
             for q in qs:
                 jobs.append((inp, q, inp.get("task", "referring")))
                 owners.append(i)
-        res = self.generate_with_retry([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs])
+        res = self.generate_with_retry([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs]) if jobs else []
         outputs: List[dict] = [dict(texts=[], _gen=[]) for _ in batched_inputs]
         for r, i in zip(res, owners):
             outputs[i]["texts"].append(r["text"])

@@ -89,6 +89,12 @@ def add_pixellm_config(cfg):
     # mm_projector + out_mm_projector); the neck and prompt encoder stay frozen unless enabled
     p.TRAIN_NECK_AND_PROMPT_ENCODER = False
 
+    p.EVAL = CN()
+    # MUSE: free generation (official ar_validate); referring: the official teacher-forced
+    # protocol ("teacher_forced") or "generate" (what users get)
+    p.EVAL.MUSE_PROTOCOL = "generate"
+    p.EVAL.REFER_PROTOCOL = "teacher_forced"
+
     p.OUT_SIZE = 0  # fused low-res mask size; 0 = 4 x the CLIP grid (128 for the release)
     p.MAX_NEW_TOKENS = 512
     p.MODEL_MAX_LENGTH = 512

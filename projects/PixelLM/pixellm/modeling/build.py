@@ -181,6 +181,11 @@ def pixellm_components(cfg, tokenizer=None) -> dict:
         if model_dir and ids != list(codebook["ids"]):
             raise ValueError(f"the tokenizer's codebook ids {ids} differ from the model's {codebook['ids']}")
         codebook = dict(codebook, ids=ids)
+        if not model_dir:
+            if len(tokenizer) > spec["llm"]["vocab_size"]:
+                raise ValueError(f"the tokenizer has {len(tokenizer)} entries, more than MODEL.PIXELLM.LLM.VOCAB_SIZE="
+                                 f"{spec['llm']['vocab_size']}")
+            spec["pad_token_id"], spec["eos_token_id"] = tokenizer.pad_token_id, tokenizer.eos_token_id
     kwargs = modules_from_spec(spec, token_mode, scale_mode)
     kwargs.update({
         "codebook_ids": codebook["ids"],

@@ -1,0 +1,123 @@
+"""Data set registration (detectron2 ``DatasetCatalog``) and the PixelLM training loader.
+
+| name | content |
+|---|---|
+| ``pixellm_muse_{train,val,test_less,test_many}`` | MUSE, released JSON files under ``$PIXELLM_MUSE_DIR`` (default ``datasets/muse``): ``muse_<split>.json`` + COCO images under ``images/`` (``file_name``) or ``images/{train,val}2017`` (``coco_url``) |
+| ``pixellm_synthetic_muse_{train,val,test}`` | multi-target questions on psalm's synthetic scenes in the MUSE format, generated on first use under ``$PIXELLM_SYNTHETIC_DIR`` (default ``datasets/pixellm_synthetic_muse``) |
+
+``val`` is the dev split (choices are made there); ``test`` is for reported figures only.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .muse import load_muse_json, prepare_synthetic_muse
+
+__all__ = ["register_pixellm_datasets", "register_synthetic_muse", "PixelLMTrainLoader", "save_tiny_pixellm_tokenizer"]
+
+MUSE_SPLITS = ("train", "val", "test_less", "test_many")
+
+
+def _muse_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PIXELLM_MUSE_DIR", "datasets/muse"))
+
+
+def _load_muse(split):
+    root = _muse_root()
+    path = root / f"muse_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run projects/PixelLM/prepare_muse.py (set PIXELLM_MUSE_DIR)")
+    return load_muse_json(path, root / "images")
+
+
+def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, spec=None) -> list[str]:
+    """Register ``<prefix>_{train,val,test}``; the files are generated on first load."""
+    root = pathlib.Path(root or os.environ.get("PIXELLM_SYNTHETIC_DIR", "datasets/pixellm_synthetic_muse"))
+    names = []
+    for split in ("train", "val", "test"):
+        name = f"{prefix}_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+        def load(split=split):
+            return load_muse_json(prepare_synthetic_muse(root, split, spec), root)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(evaluator_type="pixellm_muse", split=split)
+        names.append(name)
+    return names
+
+
+def register_pixellm_datasets() -> None:
+    for split in MUSE_SPLITS:
+        name = f"pixellm_muse_{split}"
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, lambda split=split: _load_muse(split))
+            MetadataCatalog.get(name).set(evaluator_type="pixellm_muse", split=split)
+    if "pixellm_synthetic_muse_train" not in DatasetCatalog.list():
+        register_synthetic_muse()
+
+
+def save_tiny_pixellm_tokenizer(directory, num_codebook_tokens: int = 6) -> str:
+    """psalm's tiny byte-level BPE tokenizer (synthetic corpus) + the PixelLM tokens, for tests and
+    synthetic training (the release uses LLaMA's sentencepiece tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from psalm.data.synthetic import save_synthetic_tokenizer
+
+    from ..modeling.codebook import codebook_tokens
+    from ..modeling.tokenizer import add_pixellm_tokens
+
+    directory = pathlib.Path(directory)
+    if not (directory / "tokenizer_config.json").is_file() or "[SEG0]" not in (directory / "tokenizer.json").read_text():
+        save_synthetic_tokenizer(str(directory))
+        tok = AutoTokenizer.from_pretrained(str(directory))
+        add_pixellm_tokens(tok, codebook_tokens(2, num_codebook_tokens // 2))
+        tok.save_pretrained(str(directory))
+    return str(directory)
+
+
+class PixelLMTrainLoader:
+    """Infinite batches of mapped dicts drawn from several data sets with fixed ratios.
+
+    Each batch is ``ims_per_batch`` images; each image's data set is drawn with probability
+    proportional to ``ratios`` (official mixture 2:9:2:4 for sem_seg / refer_seg / vqa / MUSE), the
+    image uniformly. Deterministic in (seed, step); ``state_dict`` / ``load_state_dict`` resume it.
+    Dicts the mapper rejects (every question over the length limit) are replaced by another draw.
+    """
+
+    def __init__(self, datasets: list[list[dict]], ratios, mapper, ims_per_batch: int, seed: int = 0):
+        if len(datasets) != len(ratios) or not datasets:
+            raise ValueError(f"{len(datasets)} data sets but ratios {list(ratios)}")
+        if any(len(d) == 0 for d in datasets):
+            raise ValueError("an empty training data set")
+        p = np.asarray(ratios, dtype=np.float64)
+        if (p < 0).any() or p.sum() <= 0:
+            raise ValueError(f"ratios must be >= 0 with a positive sum, got {list(ratios)}")
+        self.datasets, self.p = datasets, p / p.sum()
+        self.mapper, self.ims_per_batch, self.seed = mapper, int(ims_per_batch), int(seed)
+        self.step = 0
+
+    def __iter__(self):
+        while True:
+            rng = np.random.default_rng([self.seed, self.step])
+            batch = []
+            while len(batch) < self.ims_per_batch:
+                d = self.datasets[int(rng.choice(len(self.datasets), p=self.p))]
+                x = self.mapper(d[int(rng.integers(len(d)))], rng)
+                if x is not None:
+                    batch.append(x)
+            self.step += 1
+            yield batch
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])

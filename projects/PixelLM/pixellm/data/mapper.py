@@ -1,0 +1,97 @@
+"""``PixelLMDatasetMapper``: a multi-target dataset dict -> the model input dict (see ``meta_arch``).
+
+Per question: the MUSE question template (``"<image>\\n{question} Please respond with segmentation
+mask."``), and the answer = ``text_answers[i]`` with each ``{seg}`` replaced by one codebook group,
+or (no text answer) the official templates ``"{a} is [SEG]."`` / ``"{a, b and c} are [SEG], [SEG]
+and [SEG], separately."``. A conversation longer than ``max_length`` tokens is DROPPED with its
+targets (never truncated through a codebook group); drops are counted (``num_dropped``) and logged.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from psalm.evaluation.masks import annotation_to_mask
+from psalm.utils.image_io import read_image_rgb
+
+from ..modeling.vision import preprocess_clip_image
+from .prompt import IMAGE_TOKEN, build_conversation, codebook_group, tokenize_conversation, tokenizer_image_token
+
+__all__ = ["PixelLMDatasetMapper", "answer_text", "QUESTION_TEMPLATE"]
+
+logger = logging.getLogger(__name__)
+QUESTION_TEMPLATE = IMAGE_TOKEN + "\n{sent} Please respond with segmentation mask."
+_MULTI = ("{names} are {seg}, separately.", "{names} are {seg}.", "Sure, {names} are {seg}.")
+
+
+def _listed(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def answer_text(names, text_answer, group: str, rng: np.random.Generator | None = None) -> str:
+    """The answer with one codebook group per target (in target order)."""
+    if text_answer is not None:
+        if text_answer.count("{seg}") != len(names):
+            raise ValueError(f"text answer has {text_answer.count('{seg}')} {{seg}} for {len(names)} targets")
+        return text_answer.replace("{seg}", group)
+    if len(names) == 1:
+        return f"{names[0]} is {group}."
+    tpl = _MULTI[int(rng.integers(len(_MULTI)))] if rng is not None else _MULTI[0]
+    return tpl.format(names=_listed(list(names)), seg=_listed([group] * len(names)))
+
+
+class PixelLMDatasetMapper:
+    """
+    Args:
+        tokenizer: the model's tokenizer (with the codebook tokens).
+        image_size: S (448 for the release). num_codebook_tokens: L*N.
+        is_train: answers + labels + GT (training); else the teacher-forced inputs (``answers_given``)
+            and the generation prompts (``prompt_ids``) plus GT masks when present.
+        max_length: conversations with more tokens are dropped (0: no limit).
+    """
+
+    def __init__(self, tokenizer, image_size: int, num_codebook_tokens: int = 6, is_train: bool = True,
+                 max_length: int = 0, pixel_mean=None, pixel_std=None):
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.group = codebook_group(num_codebook_tokens)
+        self.is_train = is_train
+        self.max_length = int(max_length)
+        self.eos = tokenizer.eos_token
+        self.norm = {} if pixel_mean is None else {"pixel_mean": tuple(pixel_mean), "pixel_std": tuple(pixel_std)}
+        self.num_dropped = 0
+
+    def __call__(self, d: dict, rng: np.random.Generator | None = None) -> dict | None:
+        image = read_image_rgb(d["file_name"])
+        h, w = image.shape[:2]
+        if (h, w) != (int(d["height"]), int(d["width"])):
+            raise ValueError(f"{d['file_name']}: image is {h}x{w}, the annotation says {d['height']}x{d['width']}")
+        clip_image, clip_size = preprocess_clip_image(image, self.image_size, **self.norm)
+        ids, labels, prompts, masks, names_all = [], [], [], [], []
+        for q, targets, ta in zip(d["questions"], d["targets"], d.get("text_answers") or [None] * len(d["questions"])):
+            names = [t["name"] for t in targets]
+            question = QUESTION_TEMPLATE.format(sent=q)
+            conv = build_conversation(question, answer_text(names, ta, self.group, rng if self.is_train else None),
+                                      eos_token=self.eos)
+            i, lab = tokenize_conversation(self.tokenizer, conv)
+            if self.max_length and len(i) > self.max_length:
+                self.num_dropped += 1
+                logger.info("dropped a question of %s: %d tokens > max_length %d (%d dropped so far)",
+                            d["file_name"], len(i), self.max_length, self.num_dropped)
+                continue
+            ids.append(i), labels.append(lab)
+            prompts.append(tokenizer_image_token(build_conversation(question), self.tokenizer))
+            masks += [annotation_to_mask(t["segmentation"], h, w) for t in targets]
+            names_all.append(names)
+        if not ids:
+            return None
+        out = {"clip_image": clip_image, "clip_size": clip_size, "height": h, "width": w,
+               "input_ids": ids, "labels": labels, "gt_masks": torch.from_numpy(np.stack(masks)).bool(),
+               "target_names": names_all, "questions": list(d["questions"]), "image_id": d.get("image_id"),
+               "file_name": d["file_name"]}
+        if not self.is_train:
+            out["prompt_ids"] = prompts
+            out["answers_given"] = True
+        return out

@@ -138,3 +138,40 @@ def test_auto_picks_kernel_when_available():
     pytest.importorskip("torch_ms_deform_attn")
     assert resolve_deform_attn_impl("auto") == "kernel"
     assert MSDeformAttn(16, 3, 2, 3, impl="auto").impl == "kernel"
+
+
+def test_spatial_shapes_list_gives_the_same_result():
+    torch.manual_seed(0)
+    mod = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3, impl="pytorch").double()
+    _, shapes, starts, _, _ = _inputs(torch.float64)
+    S = int(shapes.prod(1).sum())
+    src = torch.randn(2, S, 16, dtype=torch.float64)
+    ref_pts = torch.rand(2, S, 3, 2, dtype=torch.float64)
+    assert torch.equal(mod(src, ref_pts, src, shapes, starts, spatial_shapes_list=SHAPES),
+                       mod(src, ref_pts, src, shapes, starts))
+    with pytest.raises(ValueError, match="cover"):
+        mod(src, ref_pts, src, shapes, starts, spatial_shapes_list=[(6, 4), (3, 5), (2, 3)])
+
+
+def test_pixel_decoder_reads_no_shape_from_a_tensor(monkeypatch):
+    """The encoder's levels come from the maps' sizes: no ``tolist()`` host sync in any layer."""
+    from detectron2.modeling import build_backbone
+
+    from psalm.config import get_psalm_cfg
+    from psalm.modeling import build_pixel_decoder
+
+    from .conftest import REPO_ROOT
+
+    cfg = get_psalm_cfg(str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml"),
+                        ["MODEL.SEM_SEG_HEAD.DEFORM_ATTN_IMPL", "pytorch"])
+    torch.manual_seed(0)
+    decoder = build_pixel_decoder(cfg, build_backbone(cfg).output_shape()).eval()
+    feats = {f"res{i}": torch.randn(1, 8 * 2 ** (i - 2), 128 // 2**i, 128 // 2**i) for i in range(2, 6)}
+    with torch.no_grad():
+        ref = decoder(feats)[0]  # before the patch (the same code path)
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(tuple(self.shape)) or real(self))
+    with torch.no_grad():
+        out = decoder(feats)[0]
+    assert calls == [] and torch.equal(out, ref)

@@ -79,8 +79,12 @@ def resolve_deform_attn_impl(impl: str) -> str:
     return choice
 
 
-def _level_shapes(spatial_shapes: torch.Tensor, num_values: int) -> list[tuple[int, int]]:
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+def _level_shapes(spatial_shapes, num_values: int) -> list[tuple[int, int]]:
+    """(H_l, W_l) per level as Python ints: from a list as given, from a tensor through ``tolist()``
+    (a device-to-host copy: pass the list on hot paths)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     if sum(h * w for h, w in shapes) != num_values:
         raise ValueError(
             f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {num_values}"
@@ -90,7 +94,7 @@ def _level_shapes(spatial_shapes: torch.Tensor, num_values: int) -> list[tuple[i
 
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
+    spatial_shapes: torch.Tensor | list[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -98,7 +102,8 @@ def ms_deform_attn_pytorch(
 
     Args:
         value: [N, S, M, D], the flattened levels of all maps (S = sum of H_l * W_l), M heads.
-        spatial_shapes: [L, 2] int64 (H_l, W_l).
+        spatial_shapes: [L, 2] int64 (H_l, W_l), or the same as a list of L (H_l, W_l) int pairs
+            (no device-to-host copy).
         sampling_locations: [N, Lq, M, L, P, 2], normalised (x, y) in [0, 1] (pixel centres at
             (i + 0.5) / size); outside points read zeros.
         attention_weights: [N, Lq, M, L, P], used as given.
@@ -146,14 +151,20 @@ def multi_scale_deformable_attention(
     attention_weights,
     impl: str = "pytorch",
     im2col_step: int = 64,
+    spatial_shapes_list: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the implementation ``impl`` (``"pytorch"`` or ``"kernel"``; resolve ``"auto"`` first)."""
+    """Dispatch to the implementation ``impl`` (``"pytorch"`` or ``"kernel"``; resolve ``"auto"`` first).
+
+    ``spatial_shapes_list``: ``spatial_shapes`` as Python ints, if the caller has them; the PyTorch
+    path then needs no ``spatial_shapes.tolist()`` host sync (the kernel reads the tensor).
+    """
     if impl == "kernel":
         return ms_deform_attn_kernel(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step
         )
     if impl == "pytorch":
-        return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+        shapes = spatial_shapes if spatial_shapes_list is None else spatial_shapes_list
+        return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
     raise ValueError(f"impl must be 'pytorch' or 'kernel' here (resolve 'auto' first); got {impl!r}")
 
 
@@ -209,6 +220,7 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: torch.Tensor,
         input_level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -217,6 +229,8 @@ class MSDeformAttn(nn.Module):
             input_flatten: [N, S, C], the values (all levels flattened, S = sum H_l * W_l).
             input_spatial_shapes: [L, 2] int64 (H_l, W_l); input_level_start_index: [L] int64.
             input_padding_mask: [N, S] bool, True = padding (its values are zeroed), or None.
+            spatial_shapes_list: ``input_spatial_shapes`` as L (H_l, W_l) Python int pairs (the
+                encoder passes them: no host sync per layer), or None to read the tensor.
         Returns:
             [N, Lq, C]
         """
@@ -252,6 +266,7 @@ class MSDeformAttn(nn.Module):
                 weights,
                 self.impl,
                 self.im2col_step,
+                spatial_shapes_list,
             )
         return self.output_proj(out.to(query.dtype))
 

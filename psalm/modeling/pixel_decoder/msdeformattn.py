@@ -48,9 +48,11 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None,
+                spatial_shapes_list=None):
         """src, pos: [B, S, C]; reference_points: [B, S, L, 2] -> [B, S, C]."""
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                              spatial_shapes_list)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -79,10 +81,15 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         points = torch.cat(points, 1)
         return points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, reference_points, pos, padding_mask=None):
-        """src, pos: [B, S, C]; reference_points: [B, S, L, 2] (see :meth:`reference_points`) -> [B, S, C]."""
+    def forward(self, src, spatial_shapes, level_start_index, reference_points, pos, padding_mask=None,
+                spatial_shapes_list=None):
+        """src, pos: [B, S, C]; reference_points: [B, S, L, 2] (see :meth:`reference_points`) -> [B, S, C].
+
+        ``spatial_shapes_list``: ``spatial_shapes`` as Python (H_l, W_l) pairs (read once by the
+        caller instead of a host sync in every layer), or None."""
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
+                        spatial_shapes_list)
         return src
 
 
@@ -132,8 +139,10 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         # Mask2Former never pads here: every position is valid (ratios are 1, computed in float32)
         valid_ratios = torch.ones(srcs[0].shape[0], len(srcs), 2, dtype=torch.float32, device=device)
-        ref = self.encoder.reference_points([(int(h), int(w)) for h, w in shapes], valid_ratios)
-        memory = self.encoder(torch.cat(src_flat, 1), spatial_shapes, level_start_index, ref, torch.cat(pos_flat, 1))
+        shapes = [(int(h), int(w)) for h, w in shapes]  # from the tensors' sizes: no host sync
+        ref = self.encoder.reference_points(shapes, valid_ratios)
+        memory = self.encoder(torch.cat(src_flat, 1), spatial_shapes, level_start_index, ref, torch.cat(pos_flat, 1),
+                              spatial_shapes_list=shapes)
         return memory, spatial_shapes, level_start_index
 
 

@@ -1,0 +1,328 @@
+"""Unit tests of the PixelLM modules on the tiny config (random weights, CPU, seconds)."""
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pixellm_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from pixellm.data.datasets import save_tiny_pixellm_tokenizer
+
+    return save_tiny_pixellm_tokenizer(tmp_path_factory.mktemp("pixellm_tok") / "tok")
+
+
+def _cfg(tok_dir, *opts):
+    from pixellm import get_pixellm_cfg
+
+    return get_pixellm_cfg(str(CONFIG), ["MODEL.PIXELLM.TOKENIZER", str(tok_dir), *opts])
+
+
+@pytest.fixture(scope="module")
+def model(tok_dir):
+    from pixellm.modeling.meta_arch import PixelLM
+
+    torch.manual_seed(0)
+    return PixelLM(_cfg(tok_dir)).eval()
+
+
+def _image_input(model, question="Can you segment the red circle in this image?", answer=None, h=40, w=30, seed=0):
+    from pixellm.data.prompt import build_conversation, tokenize_conversation, tokenizer_image_token
+    from pixellm.modeling.vision import preprocess_clip_image
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    clip, size = preprocess_clip_image(image, model.vision_tower.image_size)
+    q = "<image>\n" + question
+    tok = model.tokenizer
+    x = {"clip_image": clip, "clip_size": size, "height": h, "width": w}
+    if answer is None:
+        x["input_ids"] = [tokenizer_image_token(build_conversation(q), tok)]
+    else:
+        ids, labels = tokenize_conversation(tok, build_conversation(q, answer, eos_token=tok.eos_token))
+        x.update(input_ids=[ids], labels=[labels])
+    return x
+
+
+GROUP = " ".join(f"[SEG{i}]" for i in range(6))
+
+
+# ------------------------------------------------------------------ vision
+def test_position_interpolation_compat_off_by_one():
+    from pixellm.modeling.vision import interpolate_position_embedding
+
+    g, c = 3, 5
+    w = torch.randn(1 + g * g, c)
+
+    def interp(grid):
+        x = grid.permute(1, 0).reshape(1, c, g, g)
+        return F.interpolate(x, (6, 6), mode="bilinear", align_corners=False)[0].flatten(1).permute(1, 0)
+
+    compat = interpolate_position_embedding(w, 6, compat=True)
+    fixed = interpolate_position_embedding(w, 6, compat=False)
+    assert compat.shape == fixed.shape == (37, c)
+    # official: the LAST row is taken as CLS and appended last; the grid includes HF's CLS row 0
+    assert torch.equal(compat[-1], w[-1]) and torch.allclose(compat[:-1], interp(w[:-1]))
+    assert torch.equal(fixed[0], w[0]) and torch.allclose(fixed[1:], interp(w[1:]))
+    assert not torch.allclose(compat, fixed)
+
+
+def test_vision_tap_validation(tok_dir):
+    from pixellm.modeling.meta_arch import PixelLM
+
+    with pytest.raises(ValueError, match="vision tap"):
+        PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.VISION.TAPS", "[-2, -11]"))  # 4-layer CLIP has no [-11]
+
+
+# ------------------------------------------------------------------ codebook
+def test_codebook_positions_preceding_and_at(caplog):
+    from pixellm.modeling.codebook import codebook_positions
+
+    cb = [50, 51, 52]
+    ids = torch.tensor([1, 7, 50, 51, 52, 9, 50, 51, 52, 2])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    pos, k = codebook_positions(ids, valid, cb, "preceding")
+    assert pos.tolist() == [1, 2, 3, 5, 6, 7] and int(k) == 2
+    pos, k = codebook_positions(ids, valid, cb, "at")
+    assert pos.tolist() == [2, 3, 4, 6, 7, 8]
+    bad = torch.tensor([1, 7, 50, 51, 52, 9, 50, 51, 2])
+    with pytest.raises(ValueError, match="complete groups"):
+        codebook_positions(bad, torch.ones_like(bad, dtype=torch.bool), cb, strict=True)
+    with caplog.at_level(logging.WARNING):
+        pos, k = codebook_positions(bad, torch.ones_like(bad, dtype=torch.bool), cb, strict=False)
+    assert len(pos) == 0 and int(k) == 0 and "no masks" in caplog.text
+    swapped = torch.tensor([1, 51, 50, 52, 2])
+    with pytest.raises(ValueError):
+        codebook_positions(swapped, torch.ones_like(swapped, dtype=torch.bool), cb, strict=True)
+
+
+def test_token_fusion_modes():
+    from pixellm.modeling.codebook import TokenFusion
+
+    h = torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    compat = TokenFusion(2, 3, "compat")(h)
+    assert torch.allclose(compat, h.sum(2) * float(np.float32(1 / 6)))  # half the mean (official)
+    assert torch.allclose(TokenFusion(2, 3, "mean")(h), h.mean(2))
+    learned = TokenFusion(2, 3, "learned")
+    assert isinstance(learned.weight, torch.nn.Parameter) and "weight" in learned.state_dict()
+    assert "weight" not in TokenFusion(2, 3, "compat").state_dict()
+
+
+def test_codebook_ids_from_tokenizer(model):
+    tok = model.tokenizer
+    assert model.codebook_ids == [tok.convert_tokens_to_ids(f"[SEG{i}]") for i in range(6)]
+    assert len(set(model.codebook_ids)) == 6
+
+
+# ------------------------------------------------------------------ forward / masks
+def test_targets_in_order_and_shapes(model):
+    two = _image_input(model, "Can you segment a and b?", f"a is {GROUP} and b is {GROUP}.", h=40, w=30)
+    one = _image_input(model, "Can you segment a?", f"a is {GROUP}.", h=20, w=50, seed=1)
+    none = _image_input(model, "What is this?", "A wall.", h=30, w=30, seed=2)
+    with torch.no_grad():
+        out = model.forward_teacher_forced([two, one, none])
+    g = model.vision_tower.grid
+    assert [m.shape for m in out["pred_masks"]] == [(2, 40, 30), (1, 20, 50), (0, 30, 30)]
+    assert out["levels"][0][0].shape == (2, 1, 2 * g, 2 * g) and out["levels"][0][1].shape == (2, 1, 4 * g, 4 * g)
+    assert out["low_res"][0].shape == (2, 1, model.out_size, model.out_size)
+    assert out["targets_per_row"] == [2, 1, 0]
+    # each target is decoded independently: target 1 alone gives the same mask
+    fused = out["fused"][0]
+    alone = model.decode_masks(out["image"]["decoder_features"][0], fused[1:2])
+    assert torch.allclose(alone["low_res"][0], out["low_res"][0][1], atol=1e-5)
+
+
+def test_incomplete_group_gives_no_masks(model, caplog):
+    x = _image_input(model, "Segment a.", "a is [SEG0] [SEG1] [SEG2] [SEG3].")
+    x["answers_given"] = True
+    with caplog.at_level(logging.WARNING):
+        out = model.inference([x])
+    assert out[0]["pred_masks"].shape[0] == 0 and "no masks" in caplog.text
+    model.train()
+    try:
+        x["gt_masks"] = torch.zeros(1, 40, 30, dtype=torch.bool)
+        with pytest.raises(ValueError, match="complete groups"):
+            model.losses([x])
+    finally:
+        model.eval()
+
+
+def test_gradients_reach_codebook_decoder_not_clip(tok_dir):
+    from pixellm.modeling.meta_arch import PixelLM
+
+    torch.manual_seed(1)
+    m = PixelLM(_cfg(tok_dir)).train()
+    x = _image_input(m, "Can you segment a and b?", f"a is {GROUP} and b is {GROUP}.")
+    x["gt_masks"] = torch.rand(2, 40, 30) > 0.5
+    losses = m.losses([x])
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
+    sum(losses.values()).backward()
+    named = dict(m.named_parameters())
+    emb = next(p for n, p in named.items() if n.endswith("embed_tokens.weight"))
+    assert emb.grad is not None and emb.grad[m.codebook_ids].abs().sum() > 0
+    for prefix in ("text_hidden_fcs.", "mask_decoder.transformer.1.", "mm_projector.", "out_mm_projector."):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if n.startswith(prefix)), prefix
+    assert all(p.grad is None for n, p in named.items() if n.startswith("vision_tower."))
+    assert any(p.grad is not None for n, p in named.items() if "lora_" in n)
+
+
+def test_paper_setting_learnable_fusion_and_trl(tok_dir):
+    from pixellm.modeling.meta_arch import PixelLM
+
+    m = PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.SETTING", "paper")).train()
+    assert m.token_fusion.weight.requires_grad and m.scale_fusion.weight.requires_grad
+    x = _image_input(m, "Can you segment a and b?", f"a is {GROUP} and b is {GROUP}.")
+    x["gt_masks"] = torch.rand(2, 40, 30) > 0.5
+    losses = m.losses([x])
+    assert "loss_trl" in losses
+    sum(losses.values()).backward()
+    assert m.token_fusion.weight.grad is not None and m.scale_fusion.weight.grad is not None
+
+
+# ------------------------------------------------------------------ losses
+def test_target_refinement_loss():
+    from pixellm.modeling.losses import PixelLMMaskLoss, overlap_weights
+
+    logits = torch.full((3, 4, 4), -5.0)
+    logits[0, :2] = 5.0
+    logits[1, 1:3] = 5.0  # row 1 claimed by masks 0 and 1 (same question)
+    logits[2, 1] = 5.0  # mask 2 is another question's: no overlap with 0 / 1
+    gt = torch.zeros(3, 4, 4)
+    w = overlap_weights(logits, [2, 1])
+    assert w[0].sum() == 4 and w[1].sum() == 4 and w[2].sum() == 0
+    assert overlap_weights(logits, [3])[2].sum() == 4  # one question: row 1 is claimed three times
+    with pytest.raises(ValueError):
+        overlap_weights(logits, [2, 2])
+    plain = PixelLMMaskLoss(trl=False)([logits], [gt], [[2, 1]])
+    trl = PixelLMMaskLoss(trl=True, trl_alpha=3.0)([logits], [gt], [[2, 1]])
+    assert torch.allclose(plain["loss_mask"], trl["loss_mask"]) and "loss_trl" not in plain
+    bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
+    weighted = 2.0 * ((1 + 2.0 * w.float()) * bce).flatten(1).mean(1).mean()  # alpha 3 on overlaps
+    assert torch.allclose(trl["loss_mask"] + trl["loss_trl"], weighted)
+    apart = PixelLMMaskLoss(trl=True)([logits[:1]], [gt[:1]], [[1]])
+    assert apart["loss_trl"] == 0
+
+
+def test_point_sampled_losses_close_to_dense():
+    from pixellm.modeling.losses import PixelLMMaskLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 32, 32)
+    gt = torch.rand(2, 32, 32) > 0.5
+    dense = PixelLMMaskLoss(num_points=0)([logits], [gt], [[2]])
+    points = PixelLMMaskLoss(num_points=4096, importance_sample_ratio=0.0)([logits], [gt], [[2]])
+    assert abs(dense["loss_mask"] - points["loss_mask"]) < 0.15
+
+
+# ------------------------------------------------------------------ prompts / data
+def test_prompt_labels(model):
+    from pixellm.data.prompt import IMAGE_TOKEN_INDEX, build_conversation, tokenize_conversation
+
+    tok = model.tokenizer
+    conv = build_conversation("<image>\nWhat is a?", f"It is {GROUP}.", eos_token=tok.eos_token)
+    assert conv.startswith("A chat between") and "USER: <im_start><image><im_end>\nWhat is a? ASSISTANT: It is [SEG0]" in conv
+    ids, labels = tokenize_conversation(tok, conv)
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 1
+    sup = ids[labels != -100].tolist()
+    assert sup[-1] == tok.eos_token_id and sup.count(model.codebook_ids[0]) == 1
+    assert tok.decode(sup).strip().startswith("It is")
+
+
+def test_mapper_drops_over_long_questions(model, tmp_path):
+    from PIL import Image
+
+    from pixellm.data.mapper import PixelLMDatasetMapper
+    from psalm.data.visual_prompts import encode_rle
+
+    img = np.zeros((20, 24, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    mask = np.zeros((20, 24), bool)
+    mask[2:8, 3:9] = True
+    t = {"name": "the box", "segmentation": encode_rle(mask)}
+    d = {"file_name": str(tmp_path / "a.png"), "height": 20, "width": 24, "questions": ["Find the box.", "x " * 400],
+         "targets": [[t], [t, t]], "text_answers": [None, None]}
+    m = PixelLMDatasetMapper(model.tokenizer, 56, max_length=200)
+    out = m(d, np.random.default_rng(0))
+    assert len(out["input_ids"]) == 1 and out["gt_masks"].shape == (1, 20, 24) and m.num_dropped == 1
+    assert torch.equal(out["gt_masks"][0], torch.from_numpy(mask))
+    assert int(sum((i == c).sum() for i in out["input_ids"] for c in [model.codebook_ids[0]])) == 1
+
+
+def test_synthetic_muse_and_loader(tmp_path, model):
+    from psalm.data.synthetic import SyntheticSpec
+
+    from pixellm.data.datasets import PixelLMTrainLoader
+    from pixellm.data.mapper import PixelLMDatasetMapper
+    from pixellm.data.muse import load_muse_json, prepare_synthetic_muse
+
+    spec = SyntheticSpec(num_train=3, num_val=1, num_test=1)
+    path = prepare_synthetic_muse(tmp_path, "train", spec)
+    dicts = load_muse_json(path, tmp_path)
+    assert dicts and all(len(q) == len(t) for d in dicts for q, t in [(d["questions"], d["targets"])])
+    assert max(len(t) for d in dicts for t in d["targets"]) >= 2  # multi-target questions
+    loader = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)
+    b1 = next(iter(loader))
+    loader2 = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)
+    b2 = next(iter(loader2))
+    assert [x["file_name"] for x in b1] == [x["file_name"] for x in b2]
+    for x in b1:
+        groups = sum(int((i == model.codebook_ids[0]).sum()) for i in x["input_ids"])
+        assert groups == x["gt_masks"].shape[0]
+    assert loader.state_dict() == {"step": 1}
+
+
+# ------------------------------------------------------------------ generation
+def test_generation_batched_equals_single_and_cache_equals_recompute(model):
+    from pixellm.modeling.generation import generate
+
+    a = _image_input(model, "Can you segment a?", h=40, w=30, seed=0)
+    b = _image_input(model, "Can you segment the small blue square on the left?", h=25, w=56, seed=1)
+    both = generate(model, [a, b], max_new_tokens=5)
+    single = [generate(model, [x], max_new_tokens=5)[0] for x in (a, b)]
+    for r, s in zip(both, single):
+        ra, sa = r["answers"][0], s["answers"][0]
+        assert torch.equal(ra["output_ids"], sa["output_ids"])
+        assert torch.allclose(ra["step_logits"], sa["step_logits"], atol=1e-4)
+    # KV-cache step logits == a full recompute of prompt + answer
+    ans = single[1]["answers"][0]
+    with torch.no_grad():
+        image = model.encode_images(b["clip_image"][None], [b["clip_size"]])
+        seq = model.splice([ans["output_ids"]], [0], image, mask_pad_ids=False)
+        _, logits = model.run_llm(seq)
+    n = len(ans["answer_ids"])
+    assert torch.allclose(logits[0, -n - 1 : -1], ans["step_logits"], atol=1e-4)
+
+
+def test_sampled_generation_is_reproducible(model):
+    from pixellm.modeling.generation import generate
+
+    a = _image_input(model, "Can you segment a?")
+    r1 = generate(model, [a], max_new_tokens=6, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    r2 = generate(model, [a], max_new_tokens=6, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(r1[0]["answers"][0]["output_ids"], r2[0]["answers"][0]["output_ids"])
+
+
+# ------------------------------------------------------------------ MUSE evaluation
+def test_muse_evaluator_matching_and_padding():
+    from pixellm.evaluation import MuseEvaluator
+
+    gt = torch.zeros(3, 16, 16, dtype=torch.bool)
+    gt[0, :4], gt[1, 6:10], gt[2, 12:] = True, True, True
+    perm = [2, 0, 1]
+    logits = torch.where(gt[perm], 8.0, -8.0)
+    ev = MuseEvaluator("x")
+    ev.process([{"gt_masks": gt, "target_names": [["a", "b", "c"]]}], [{"answers": [{"mask_logits": logits}]}])
+    assert ev.evaluate()["muse"]["gIoU"] == pytest.approx(100.0)
+    ev.reset()  # one prediction missing: 2 matched + 1 GT against an empty prediction
+    ev.process([{"gt_masks": gt, "target_names": [["a", "b", "c"]]}], [{"answers": [{"mask_logits": logits[:2]}]}])
+    r = ev.evaluate()["muse"]
+    assert r["gIoU"] == pytest.approx(200.0 / 3) and r["cIoU"] == pytest.approx(100.0 * 128 / 192)
+    ev.reset()  # an extra prediction: it pairs with an empty GT (IoU 0)
+    extra = torch.cat([logits, torch.where(gt[:1], 8.0, -8.0)])
+    ev.process([{"gt_masks": gt, "target_names": [["a", "b", "c"]]}], [{"answers": [{"mask_logits": extra}]}])
+    assert ev.evaluate()["muse"]["gIoU"] == pytest.approx(75.0)

@@ -326,3 +326,29 @@ def test_muse_evaluator_matching_and_padding():
     extra = torch.cat([logits, torch.where(gt[:1], 8.0, -8.0)])
     ev.process([{"gt_masks": gt, "target_names": [["a", "b", "c"]]}], [{"answers": [{"mask_logits": extra}]}])
     assert ev.evaluate()["muse"]["gIoU"] == pytest.approx(75.0)
+
+
+# ------------------------------------------------------------------ predictor
+def test_answer_segments_inline():
+    from pixellm.predictor import answer_segments
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    text, segs = answer_segments(f"the red circle is {GROUP} and the blue square is {GROUP}.", masks,
+                                 torch.tensor([0.9, 0.8]), GROUP)
+    assert text == "the red circle is <mask:0> and the blue square is <mask:1>."
+    assert [s["phrase"] for s in segs] == ["the red circle", "the blue square"]
+    text, segs = answer_segments(f"the red circle is {GROUP}", masks[:0], None, GROUP)
+    assert segs == []
+
+
+def test_predictor_batched_and_drawn(model, tok_dir):
+    from pixellm.predictor import PixelLMPredictor, draw_answer
+
+    pred = PixelLMPredictor(_cfg(tok_dir), model=model)
+    imgs = [np.full((30, 40, 3), 120, np.uint8), np.full((20, 20, 3), 30, np.uint8)]
+    outs = pred.predict_batch(imgs, ["What is the red circle?", "Segment the square."], max_new_tokens=4)
+    assert len(outs) == 2 and all(isinstance(o["text"], str) for o in outs)
+    assert draw_answer(imgs[0], outs[0]).shape == (30, 40, 3)
+    # forced: a drawn segment with its phrase
+    o = {"segments": [{"phrase": "the box", "mask": np.eye(30, 40, dtype=bool), "score": 1.0}]}
+    assert draw_answer(imgs[0], o).shape == (30, 40, 3)

@@ -51,7 +51,7 @@ def qwen2_config_from_cfg(cfg, vocab_size: int):
             if hf.get(k) != v:
                 raise ValueError(f"MODEL.PIXEL_SAIL.LLM.{k.upper()}={v} but {path} has {k}={hf.get(k)}")
         config = Qwen2Config.from_pretrained(c.NAME_OR_PATH, local_files_only=True)
-        config.vocab_size = max(config.vocab_size, vocab_size)
+        # the embeddings are resized to the extended tokenizer after loading (build_qwen2_mrope)
     elif c.INIT == "random":
         if c.VOCAB_SIZE and c.VOCAB_SIZE < vocab_size:
             raise ValueError(f"MODEL.PIXEL_SAIL.LLM.VOCAB_SIZE={c.VOCAB_SIZE} is smaller than the tokenizer "
@@ -61,7 +61,7 @@ def qwen2_config_from_cfg(cfg, vocab_size: int):
                              rope_parameters={"rope_type": "default", "rope_theta": c.ROPE_THETA}, **dims)
     else:
         raise ValueError(f"MODEL.PIXEL_SAIL.LLM.INIT must be 'pretrained' or 'random', got {c.INIT!r}")
-    if vocab_size > config.vocab_size:
+    if c.INIT == "random" and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens, LLM vocabulary {config.vocab_size}")
     config._attn_implementation = c.ATTN_IMPLEMENTATION
     return config
@@ -98,7 +98,10 @@ def build_qwen2_mrope(cfg, vocab_size: int):
         model = Qwen2ForCausalLM.from_pretrained(c.NAME_OR_PATH, config=config, local_files_only=True,
                                                  dtype=torch.float32)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            n = model.get_input_embeddings().weight.shape[0]
             model.resize_token_embeddings(vocab_size)
+            logger.info("LLM embeddings resized from %d to %d rows (the added tokens start from their new "
+                        "initialisation)", n, vocab_size)
         logger.info("LLM initialised from %s", c.NAME_OR_PATH)
     else:
         model = Qwen2ForCausalLM(config)

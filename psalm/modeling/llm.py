@@ -43,6 +43,7 @@ __all__ = [
     "load_tokenizer",
     "build_tokenizer",
     "tokenizer_vocab_plan",
+    "check_tokenizer_matches_vocab",
     "phi_config_from_cfg",
     "build_llm",
     "init_phi_weights_",
@@ -110,14 +111,68 @@ def load_tokenizer(
     return tokenizer
 
 
+# a vocabulary at least GPT-2's (phi-1_5's base) is a real model's, whose embedding rows have meaning
+REAL_VOCAB_MIN = 50257
+
+
 def build_tokenizer(cfg):
-    """:func:`load_tokenizer` from ``MODEL.PSALM.TOKENIZER`` (or ``MODEL.PSALM.LLM.NAME_OR_PATH`` if empty)."""
+    """:func:`load_tokenizer` from ``MODEL.PSALM.TOKENIZER`` (or ``MODEL.PSALM.LLM.NAME_OR_PATH`` if empty),
+    checked against the model's vocabulary (:func:`check_tokenizer_matches_vocab`)."""
     path = cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH
-    return load_tokenizer(
+    tokenizer = load_tokenizer(
         path,
         pad_token=cfg.MODEL.PSALM.PAD_TOKEN,
         seg_token=cfg.MODEL.PSALM.SEG_TOKEN,
         model_max_length=cfg.MODEL.PSALM.MODEL_MAX_LENGTH,
+    )
+    check_tokenizer_matches_vocab(
+        tokenizer, int(cfg.MODEL.PSALM.LLM.VOCAB_SIZE), cfg.MODEL.PSALM.PAD_TOKEN, cfg.MODEL.PSALM.SEG_TOKEN,
+        where=str(path),
+    )
+    return tokenizer
+
+
+def check_tokenizer_matches_vocab(tokenizer, vocab_size: int, pad_token: str = "[PAD]", seg_token: str = "[SEG]",
+                                  where: str = "the tokenizer") -> None:
+    """A real model's tokenizer must index the checkpoint's embedding rows exactly.
+
+    Always: ``len(tokenizer) <= vocab_size``. For a real vocabulary (``vocab_size >= REAL_VOCAB_MIN``,
+    e.g. phi-1_5's PSALM vocabulary 50297 = 50295 base + ``[PAD]`` 50295 + ``[SEG]`` 50296):
+    ``len(tokenizer) == vocab_size``, ``[SEG]`` is the last id and ``[PAD]`` (when it is PSALM's pad
+    token) the one before. A phi tokenizer that already has a pad token gets no ``[PAD]``, so its
+    ``[SEG]`` lands on id 50295, the official ``[PAD]`` row: that is an error, not a silent remap.
+    Test-size vocabularies may keep spare rows.
+    """
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ValueError(
+            f"MODEL.PSALM.LLM.VOCAB_SIZE={vocab_size} is smaller than {where} ({n} tokens); set it to at least {n}"
+        )
+    if vocab_size < REAL_VOCAB_MIN:
+        return
+    seg_id = tokenizer.convert_tokens_to_ids(seg_token)
+    pad_is_psalm = tokenizer.pad_token == pad_token
+    problems = []
+    if n != vocab_size:
+        problems.append(f"it has {n} tokens, the model's vocabulary (MODEL.PSALM.LLM.VOCAB_SIZE) {vocab_size}")
+    if seg_id != vocab_size - 1:
+        problems.append(f"{seg_token} has id {seg_id}, the model's {seg_token} row is {vocab_size - 1}")
+    if pad_is_psalm and tokenizer.pad_token_id != vocab_size - 2:
+        problems.append(f"{pad_token} has id {tokenizer.pad_token_id}, the model's {pad_token} row is {vocab_size - 2}")
+    if not problems:
+        return
+    hint = ""
+    if not pad_is_psalm:
+        hint = (
+            f" The tokenizer already had a pad token ({tokenizer.pad_token!r}, id {tokenizer.pad_token_id}), so "
+            f"{pad_token} was not added and {seg_token} took the id of the official {pad_token} row "
+            f"({vocab_size - 2} in a {vocab_size}-row PSALM vocabulary)."
+        )
+    raise ValueError(
+        f"{where} does not match the model's embedding rows: " + "; ".join(problems) + "." + hint
+        + " Use the tokenizer the converter writes (tools/convert_official.py --output DIR: DIR; "
+        "tools/convert_phi.py --save-tokenizer DIR), or one without a pad token (official phi-1_5), or set "
+        "MODEL.PSALM.LLM.VOCAB_SIZE to the checkpoint's row count if the checkpoint was trained with this tokenizer."
     )
 
 

@@ -133,7 +133,7 @@ def load_torch_file(path: str):
 
 def llm_weights_dir(cfg) -> str:
     """``MODEL.PSALM.LLM.NAME_OR_PATH`` when the model's LLM is loaded from its weights at build time, else ``""``."""
-    path = cfg.MODEL.PSALM.LLM.NAME_OR_PATH if "PSALM" in cfg.MODEL else ""
+    path = cfg.MODEL.PSALM.LLM.NAME_OR_PATH
     if path and any((pathlib.Path(path) / f).is_file() for f in _HF_WEIGHT_FILES):
         return path
     return ""

@@ -297,19 +297,18 @@ class PSALMTrainer(DefaultTrainer):
 
         from .checkpoint import load_partial_state_dict
 
-        init = cfg.MODEL.PSALM.INIT if "PSALM" in cfg.MODEL else None
-        entries = parse_init_entries(list(init.WEIGHTS) if init is not None else [], cfg.MODEL.WEIGHTS)
+        init = cfg.MODEL.PSALM.INIT
+        entries = parse_init_entries(list(init.WEIGHTS), cfg.MODEL.WEIGHTS)
         llm_dir = llm_weights_dir(cfg)
         bare = unwrap_model(model)
-        shapes = {k: tuple(v.shape) for k, v in bare.state_dict().items()}
         plan = plan_initialization(
-            shapes,
+            {k: tuple(v.shape) for k, v in bare.state_dict().items()},
             entries,
-            random_patterns=list(init.RANDOM) if init is not None else [],
-            from_scratch=bool(init.FROM_SCRATCH) if init is not None else True,
+            random_patterns=list(init.RANDOM),
+            from_scratch=bool(init.FROM_SCRATCH),
             prebuilt={"llm.": f"MODEL.PSALM.LLM.NAME_OR_PATH ({llm_dir})"} if llm_dir else None,
             frozen=[n for n, p in bare.named_parameters() if not p.requires_grad],
-            frozen_random=list(init.FROZEN_RANDOM) if init is not None else [],
+            frozen_random=list(init.FROZEN_RANDOM),
         )
         if plan.state_dict:
             load_partial_state_dict(model, plan.state_dict)

@@ -207,3 +207,29 @@ def test_region_pooler_errors():
     )
     assert out[0].shape == (0, 4) and out[1].shape == (1, 4)
     assert RegionPooler()(torch.randn(1, 16, 4), [torch.zeros(0, 32, 32, dtype=torch.bool)])[0].shape == (0, 4)
+
+
+def test_eval_points_follow_the_seeded_recipe_and_errors_name_the_empty_region():
+    """Eval mode: region j's points are those of a fresh ``torch.Generator().manual_seed(seed + j)``
+    (randperm when more pixels than points, all + randint repeats when fewer) over its pixels in
+    row-major order; the pooler reuses one generator, with the same draws."""
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(3, 40, 36, generator=g) > 0.6  # ~576 px each
+    masks[1] = False
+    masks[1, 2:6, 3:7] = True  # 16 px < P
+    P, seed = 64, 11
+    pool = RegionPooler("sample_points", P, seed=seed).eval()
+    got = pool._sample(masks, [int(m.sum()) for m in masks])
+    for j, m in enumerate(masks):
+        rc = m.nonzero().double() / torch.tensor([40.0, 36.0], dtype=torch.float64)
+        gen, n = torch.Generator().manual_seed(seed + j), rc.shape[0]
+        idx = (torch.randperm(n, generator=gen)[:P] if n > P
+               else torch.cat([torch.arange(n), torch.randint(0, n, (P - n,), generator=gen)]))
+        assert torch.equal(got[j], rc[idx]), j
+    fmap = torch.randn(1, 16, 4).repeat(2, 1, 1)
+    out = pool(fmap, [masks, masks[:1]])
+    assert out[0].shape == (3, 4) and torch.equal(out[1], out[0][:1])  # per sample, region 0 seeds alike
+    bad = masks.clone()
+    bad[2] = False
+    with pytest.raises(ValueError, match=r"region mask\(s\) \[2\] of sample 1"):
+        pool(fmap, [masks, bad])

@@ -184,18 +184,26 @@ class RegionPooler(nn.Module):
         for b, m in enumerate(region_masks):
             if m.dim() != 3:
                 raise ValueError(f"region_masks[{b}] must be [R, H, W], got shape {tuple(m.shape)}")
-            empty = (m.flatten(1).sum(1) == 0).nonzero().flatten().tolist()
+        # pixels per region, for all samples at once: ONE device-to-host copy (also the split sizes)
+        pixel_counts = torch.cat([(m.flatten(1) != 0).sum(1) for m in region_masks]).tolist() if region_masks else []
+        sizes = [m.shape[0] for m in region_masks]
+        start = 0
+        for b, r in enumerate(sizes):
+            empty = [j for j, n in enumerate(pixel_counts[start : start + r]) if n == 0]
+            start += r
             if empty:
                 raise ValueError(f"region mask(s) {empty} of sample {b} have no pixels; drop empty visual prompts")
         if points is not None and self.mode != "sample_points":
             raise ValueError("injected points are only used by the 'sample_points' mode")
-        if sum(m.shape[0] for m in region_masks) == 0:
+        if sum(sizes) == 0:
             return [image_tokens.new_zeros(0, C) for _ in range(B)]
         if self.mode == "mask_average":
             return [self._mask_average(fmap[b], m) for b, m in enumerate(region_masks)]
         if points is None:
-            points = [self._sample(m) for m in region_masks]
-        sizes = [m.shape[0] for m in region_masks]
+            start, points = 0, []
+            for m, r in zip(region_masks, sizes):
+                points.append(self._sample(m, pixel_counts[start : start + r]))
+                start += r
         grid = torch.cat([p.to(fmap.device) for p in points]).flip(-1)  # (x, y) = (col / W, row / H)
         if grid.shape[0] != sum(sizes):
             raise ValueError(f"injected points cover {grid.shape[0]} regions, the masks {sum(sizes)}")
@@ -204,19 +212,20 @@ class RegionPooler(nn.Module):
         pooled = sampled.to(image_tokens.dtype).mean(-1)
         return list(pooled.split(sizes))
 
-    def _sample(self, masks: torch.Tensor) -> torch.Tensor:
-        """[R, H, W] bool -> [R, P, 2] sampled ``(row / H, col / W)`` coordinates (float64)."""
+    def _sample(self, masks: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """[R, H, W] bool (``counts``: pixels per region) -> [R, P, 2] sampled ``(row / H, col / W)``
+        coordinates (float64)."""
         R, H, W = masks.shape
         P = self.num_points
         coords = masks.nonzero()  # [n_total, 3] (region, row, col), row-major within each region
-        counts = torch.bincount(coords[:, 0], minlength=R).tolist()
         rc = coords[:, 1:].double() / torch.tensor([H, W], dtype=torch.float64, device=coords.device)
         out = []
+        # eval mode: region j draws from a CPU generator seeded with seed + j (one object, re-seeded)
+        gen = None if self.training else torch.Generator()
         for j, part in enumerate(rc.split(counts)):
             n = part.shape[0]
-            gen = None
-            if not self.training:
-                gen = torch.Generator().manual_seed(self.seed + j)
+            if gen is not None:
+                gen.manual_seed(self.seed + j)
             if n == P:
                 idx = torch.arange(n)
             elif n > P:

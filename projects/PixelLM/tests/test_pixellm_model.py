@@ -352,3 +352,17 @@ def test_predictor_batched_and_drawn(model, tok_dir):
     # forced: a drawn segment with its phrase
     o = {"segments": [{"phrase": "the box", "mask": np.eye(30, 40, dtype=bool), "score": 1.0}]}
     assert draw_answer(imgs[0], o).shape == (30, 40, 3)
+
+
+# ------------------------------------------------------------------ referring through psalm's evaluator
+@pytest.mark.parametrize("protocol", ["teacher_forced", "generate"])
+def test_referring_evaluation_through_psalm(model, tok_dir, tmp_path_factory, protocol):
+    from pixellm.evaluation import evaluate_pixellm
+
+    root = tmp_path_factory.mktemp("syn")
+    cfg = _cfg(tok_dir, "DATASETS.SYNTHETIC.ROOT", str(root), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
+               "DATASETS.SYNTHETIC.NUM_VAL", "2", "DATASETS.SYNTHETIC.NUM_TEST", "1",
+               "DATASETS.TEST", '("psalm_synthetic_val_referring",)', "MODEL.PIXELLM.EVAL.REFER_PROTOCOL", protocol,
+               "MODEL.PIXELLM.MAX_NEW_TOKENS", "3")
+    res = evaluate_pixellm(cfg, model, limit=2)["psalm_synthetic_val_referring"]["referring"]
+    assert {"cIoU", "gIoU", "num_samples"} <= set(res) and res["num_samples"] == 2

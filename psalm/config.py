@@ -13,7 +13,7 @@ Unknown keys in a YAML file are an error (detectron2 raises ``KeyError: 'Non-exi
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_psalm_config", "get_psalm_cfg"]
+__all__ = ["add_psalm_config", "get_psalm_cfg", "extension_options_set"]
 
 
 def _add_swin_config(cfg):
@@ -66,19 +66,6 @@ def _add_mask_former_config(cfg):
     cfg.MODEL.MASK_FORMER = CN()
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "PSALMMultiScaleMaskedTransformerDecoder"
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
-    # referring / interactive: also -CLASS_WEIGHT * sigmoid(score) in the matching cost, as the class
-    # term of category tasks (official PSALM and the paper: mask cost only for these tasks)
-    cfg.MODEL.MASK_FORMER.MATCH_WITH_SCORES = False
-    # Beyond the official model ("" = off = official): the class / refer / region heads also read a
-    # feature map pooled under each query's own predicted mask (PSALMMultiScaleMaskedTransformerDecoder
-    # docstring): "mask_features" (the pixel decoder's stride-4 output) or a backbone feature ("res2",
-    # ...). Gives the scoring heads the object's appearance (e.g. colour) directly instead of only
-    # through the masked cross-attention on the coarse memory levels.
-    cfg.MODEL.MASK_FORMER.HEAD_MASK_POOLING = ""
-    # Beyond the official model (0 = off = official): the same heads also read each query's own soft mask
-    # resampled on a k x k grid over its box (its silhouette, scale- and position-normalised; decoder
-    # docstring). Mean-pooled features carry colour but hardly shape.
-    cfg.MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID = 0
     cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 2.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 5.0
@@ -157,10 +144,6 @@ def _add_psalm_model_config(cfg):
     # "mean": mean over the whole refer span incl. its [SEG] (official, compat);
     # "last": the hidden state of the span's trailing [SEG] token (paper).
     cfg.MODEL.PSALM.REFER_POOLING = "mean"
-    # Beyond the official model (False = official): score referring / gres sentences through the
-    # category path (class_projector + predictor.class_head, shared weights) instead of their own
-    # refer_projector + refer_head, so what the category task learns about names serves referring.
-    cfg.MODEL.PSALM.REFER_AS_CLASS = False
     # "sample_points": official 256 bilinear point samples on the projector map (seeded here);
     # "mask_average": exact mask-average pooling of the bilinearly upsampled map.
     cfg.MODEL.PSALM.REGION_POOLING = "sample_points"
@@ -190,6 +173,37 @@ def _add_psalm_model_config(cfg):
     cfg.MODEL.PSALM.INIT.FROM_SCRATCH = False
     # Default task for inference when a batch does not say (see psalm.modeling.tasks).
     cfg.MODEL.PSALM.TEST_TASK = "panoptic"
+
+
+def _add_extensions_config(cfg):
+    # Beyond the paper and the official code: research extensions (psalm/modeling/extensions, docs/DESIGN.md
+    # "Extensions beyond the paper"). These keys are read only by the extensions' own classes, which a config
+    # selects by name: MODEL.META_ARCHITECTURE "ExtendedPSALM" and, for the scoring-head options,
+    # MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME "ExtendedPSALMDecoder". All off by default (the official
+    # model); setting one while the official classes are selected is an error.
+    cfg.MODEL.EXTENSIONS = CN()
+    # the class / refer / region heads also read a feature map pooled under each query's own (detached)
+    # predicted mask: "mask_features" (the pixel decoder's stride-4 output) or a backbone feature ("res2",
+    # ...); "" = off. Gives the scoring heads the object's appearance (e.g. colour) directly.
+    cfg.MODEL.EXTENSIONS.HEAD_MASK_POOLING = ""
+    # the same heads also read each query's own soft mask resampled on a k x k grid over its box (its
+    # silhouette, scale- and position-normalised); 0 = off. Mean-pooled features carry colour but hardly shape.
+    cfg.MODEL.EXTENSIONS.HEAD_MASK_SHAPE_GRID = 0
+    # score referring / gres sentences through the category path (class_projector + the decoder's
+    # class_head) instead of their own refer_projector + refer_head (which the model then does not have),
+    # so what the category task learns about names serves referring.
+    cfg.MODEL.EXTENSIONS.REFER_AS_CLASS = False
+    # referring / interactive: also -CLASS_WEIGHT * sigmoid(score) in the matching cost, as the class term
+    # of category tasks (official PSALM and the paper: mask cost only for these tasks)
+    cfg.MODEL.EXTENSIONS.MATCH_WITH_SCORES = False
+
+
+def extension_options_set(cfg) -> list:
+    """The ``MODEL.EXTENSIONS`` keys of ``cfg`` that differ from their defaults (off), sorted."""
+    defaults = CN()
+    defaults.MODEL = CN()
+    _add_extensions_config(defaults)
+    return sorted(k for k, v in cfg.MODEL.EXTENSIONS.items() if v != defaults.MODEL.EXTENSIONS[k])
 
 
 def _add_input_config(cfg):
@@ -272,10 +286,9 @@ def _add_test_config(cfg):
     cfg.TEST.PSALM.GREF_SCORE_THRESHOLD = 0.6
     # when no query passes: "top1" (official, never empty) or "empty" (explicit no-target)
     cfg.TEST.PSALM.GREF_NO_TARGET = "top1"
-    # referring protocol: "per_ref" (official: all sentences of a ref merged) or "per_sentence"
-    cfg.TEST.PSALM.REFERRING_PROTOCOL = "per_ref"
-    # interactive evaluation prompt type: point | scribble | box | mask
-    cfg.TEST.PSALM.INTERACTIVE_PROMPT_TYPE = "point"
+    # (no protocol / prompt-type keys: the data set decides. RefCOCO's protocol is in its name,
+    # refcoco_unc_val (per sentence) or refcoco_unc_val_per_ref (official); COCO-Interactive's prompt
+    # type is its metadata prompt_type, coco_interactive_val_{point,scribble,box,mask})
     # ground-truth polygons -> masks in our referring / gres / interactive evaluators:
     # "coco" (pycocotools, standard) | "official" (cv2.fillPoly after int32 truncation, as the
     # official evaluation scripts; use it to reproduce their numbers exactly)
@@ -313,6 +326,7 @@ def add_psalm_config(cfg):
     _add_swin_config(cfg)
     _add_mask_former_config(cfg)
     _add_psalm_model_config(cfg)
+    _add_extensions_config(cfg)
     _add_input_config(cfg)
     _add_data_config(cfg)
     _add_solver_config(cfg)

@@ -19,7 +19,8 @@ def test_configs_found():
 def test_every_yaml_loads(path):
     cfg = add_psalm_config(get_cfg())
     cfg.merge_from_file(str(REPO_ROOT / path))
-    assert cfg.MODEL.META_ARCHITECTURE == "PSALM"
+    # the official PSALM, or the research extensions selected by name (psalm.modeling.extensions)
+    assert cfg.MODEL.META_ARCHITECTURE in ("PSALM", "ExtendedPSALM")
     assert cfg.MODEL.PSALM.NUM_MASK_TOKENS == cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
 
 

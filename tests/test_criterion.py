@@ -31,11 +31,11 @@ class FixedMatcher:
         return self.indices
 
 
-def _criterion(matcher, **kw):
+def _criterion(matcher, cls=SetCriterion, **kw):
     args = dict(class_weight=1.0, mask_weight=1.0, dice_weight=1.0, no_object_weight=0.1, num_points=4,
                 oversample_ratio=3.0, importance_sample_ratio=0.75, deep_supervision=True)
     args.update(kw)
-    return SetCriterion(matcher=matcher, **args)
+    return cls(matcher=matcher, **args)
 
 
 def _pixel_centres(num, h, w):
@@ -168,25 +168,7 @@ def test_matcher_receives_class_logits_only_for_category():
     crit({"pred_masks": torch.randn(1, 2, 2, 2), "pred_refer_logits": torch.randn(1, 2, 1)}, targets)
     crit({"pred_masks": torch.randn(1, 2, 2, 2), "pred_class_logits": torch.randn(1, 2, 3)}, targets)
     assert matcher.calls == [False, True]
-    assert matcher.probs is None  # MATCH_WITH_SCORES off (official): mask cost only for referring
-
-
-def test_match_with_scores_passes_sigmoid_scores_per_target():
-    matcher = FixedMatcher([([0], [0])])
-    crit = _criterion(matcher, match_with_scores=True, deep_supervision=False)
-    two = [{"masks": torch.ones(2, 4, 4, dtype=torch.bool), "labels": torch.tensor([0, 0])}]
-    refer = torch.tensor([[[0.0], [2.0], [-1.0]]])  # [B=1, Q=3, 1]
-    crit({"pred_masks": torch.randn(1, 3, 2, 2), "pred_refer_logits": refer}, two)
-    (probs,) = matcher.probs
-    assert probs.shape == (3, 2)  # [Q, N]: the one sentence score for every target (gres)
-    torch.testing.assert_close(probs, refer[0].sigmoid().expand(3, 2))
-    region = torch.tensor([[0.0, 1.0, 2.0], [-2.0, -1.0, 3.0]])  # [R=2, Q=3]
-    crit({"pred_masks": torch.randn(1, 3, 2, 2), "pred_region_logits": [region]}, two)
-    (probs,) = matcher.probs
-    torch.testing.assert_close(probs, region.sigmoid().T)  # [Q, R]: region j's scores for target j
-    one = [{"masks": torch.ones(1, 4, 4, dtype=torch.bool), "labels": torch.tensor([0])}]
-    crit({"pred_masks": torch.randn(1, 3, 2, 2), "pred_class_logits": torch.randn(1, 3, 3)}, one)
-    assert matcher.probs is None  # category tasks keep the softmax class term
+    assert matcher.probs is None  # the official criterion: mask cost only for referring
 
 
 def test_exactly_one_label_head():

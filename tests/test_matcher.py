@@ -49,25 +49,6 @@ def test_class_term_only_with_class_logits():
     assert rows.tolist() == [1]
 
 
-def test_match_probs_term():
-    """Referring / region scores in the cost (MATCH_WITH_SCORES): -cost_class * p per (query, target)."""
-    pred = torch.stack([_logit_map(10, -10), _logit_map(2, -2)])[None]
-    target = [{"masks": _halves()[:1], "labels": torch.tensor([0])}]
-    matcher = HungarianMatcher(cost_class=2, cost_mask=5, cost_dice=5, num_points=2000)
-    torch.manual_seed(0)
-    (rows, _), = matcher(pred, target)
-    assert rows.tolist() == [0]  # masks only: the sharp mask wins
-    torch.manual_seed(0)
-    (rows, _), = matcher(pred, target, pred_match_probs=[torch.tensor([[0.0], [1.0]])])
-    assert rows.tolist() == [1]  # the scored query wins
-    matcher.sample_points = lambda n, device: _pixel_centres(4, 4)
-    base = matcher.cost_matrix(pred[0], _halves()[:1])
-    probs = torch.tensor([[0.25], [0.5]])
-    torch.testing.assert_close(matcher.cost_matrix(pred[0], _halves()[:1], pred_match_probs=probs), base - 2 * probs)
-    with pytest.raises(ValueError, match=r"\[Q, N\]"):
-        matcher.cost_matrix(pred[0], _halves()[:1], pred_match_probs=torch.zeros(2, 2))
-
-
 def test_cost_matrix_hand_computed():
     """C = 5 BCE + 5 dice - 2 p(class) on fixed points (pixel centres of the 2x2 prediction)."""
     logits = torch.tensor([[[1.0, -2.0], [0.5, 3.0]], [[-1.0, -1.0], [2.0, 0.0]]])  # [Q=2, 2, 2]
@@ -143,3 +124,25 @@ def test_from_config():
     cfg = get_psalm_cfg()
     m = HungarianMatcher(cfg)
     assert (m.cost_class, m.cost_mask, m.cost_dice, m.num_points) == (2.0, 5.0, 5.0, 12544)
+
+
+def test_cost_is_fp32_under_bf16_autocast():
+    """The matching cost is an fp32 island (as in Mask2Former): under CPU bf16 autocast the cost matrix and
+    the assignment equal the fp32 ones exactly, for bf16 model outputs too."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 30, 16, 16, generator=g).to(torch.bfloat16)  # what a bf16-autocast model outputs
+    class_logits = torch.randn(2, 30, 6, generator=g).to(torch.bfloat16)
+    masks = torch.rand(2, 7, 64, 64, generator=g) > 0.5
+    targets = [{"masks": masks[b], "labels": torch.randint(0, 5, (7,), generator=g)} for b in range(2)]
+    matcher = HungarianMatcher(cost_class=2, cost_mask=5, cost_dice=5, num_points=1000)
+    points = torch.rand(1, 1000, 2, generator=g)
+    matcher.sample_points = lambda n, device: points
+    want = matcher.cost_matrices(pred, targets, class_logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = matcher.cost_matrices(pred, targets, class_logits)
+        got_indices = matcher(pred, targets, pred_class_logits=class_logits)
+    for w, c in zip(want, got):
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c, w, rtol=0, atol=0)
+    for (r0, c0), (r1, c1) in zip(got_indices, [matcher.assign(w) for w in want]):
+        assert torch.equal(r0, r1) and torch.equal(c0, c1)

@@ -8,3 +8,4 @@ from .transformer_decoder import (
     build_transformer_decoder,
 )
 from .meta_arch import PSALM, build_psalm_model
+from . import extensions  # registers the research extensions (beyond the paper; selected by name)

@@ -23,7 +23,7 @@ Loss names (no per-task prefix; the batch's task is known to the caller): ``loss
 returned values are ALREADY WEIGHTED (class 2 / mask 5 / dice 5 by default): the total loss is
 ``sum(losses.values())``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,11 +118,9 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         deep_supervision: bool = True,
-        match_with_scores: bool = False,
     ):
         super().__init__()
         self.matcher = matcher
-        self.match_with_scores = bool(match_with_scores)
         self.weight_dict = {"loss_ce": float(class_weight), "loss_mask": float(mask_weight),
                             "loss_dice": float(dice_weight)}
         self.no_object_weight = float(no_object_weight)
@@ -144,7 +142,6 @@ class SetCriterion(nn.Module):
             "oversample_ratio": mf.OVERSAMPLE_RATIO,
             "importance_sample_ratio": mf.IMPORTANCE_SAMPLE_RATIO,
             "deep_supervision": mf.DEEP_SUPERVISION,
-            "match_with_scores": mf.MATCH_WITH_SCORES,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -258,22 +255,14 @@ class SetCriterion(nn.Module):
         return (sigmoid_ce_loss(point_logits, point_labels, num_masks),
                 dice_loss(point_logits, point_labels, num_masks))
 
-    @staticmethod
-    def _match_probs(outputs: Dict, targets: Sequence[Dict], head: str) -> Optional[List[torch.Tensor]]:
-        """Per image [Q, N_b] sigmoid scores for the matching cost (referring: the one sentence score
-        for every target; region: region j's score for target j); None for category tasks."""
-        if head == "pred_refer_logits":
-            scores = outputs["pred_refer_logits"].detach().sigmoid()[..., 0]  # [B, Q]
-            return [scores[b, :, None].expand(-1, t["masks"].shape[0]) for b, t in enumerate(targets)]
-        if head == "pred_region_logits":
-            return [r.detach().sigmoid().transpose(0, 1) for r in outputs["pred_region_logits"]]  # [Q, R_b]
-        return None
-
     # ------------------------------------------------------------------ forward
-    def _stage_losses(self, outputs: Dict, targets: Sequence[Dict], head: str, num_masks: float) -> Dict:
+    def match(self, outputs: Dict, targets: Sequence[Dict], head: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Hungarian indices of one stage: mask cost, plus the class term for category tasks (official)."""
         class_logits = outputs.get("pred_class_logits") if head == "pred_class_logits" else None
-        probs = self._match_probs(outputs, targets, head) if self.match_with_scores else None
-        indices = self.matcher(outputs["pred_masks"], targets, pred_class_logits=class_logits, pred_match_probs=probs)
+        return self.matcher(outputs["pred_masks"], targets, pred_class_logits=class_logits)
+
+    def _stage_losses(self, outputs: Dict, targets: Sequence[Dict], head: str, num_masks: float) -> Dict:
+        indices = self.match(outputs, targets, head)
         if head == "pred_class_logits":
             loss_ce = self.loss_class(outputs, targets, indices, num_masks)
         elif head == "pred_refer_logits":

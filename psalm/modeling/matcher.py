@@ -107,60 +107,51 @@ class HungarianMatcher(nn.Module):
         target_masks: torch.Tensor,
         pred_class_logits: Optional[torch.Tensor] = None,
         target_labels: Optional[torch.Tensor] = None,
-        pred_match_probs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Matching cost of one image.
+        """Matching cost of one image, always computed in float32 with autocast disabled (an fp32 island,
+        as Mask2Former's matcher: a bf16 cost matrix changes the assignment).
 
         Args:
             pred_masks: [Q, h, w] mask logits.
             target_masks: [N, H, W] (N >= 1) binary masks.
             pred_class_logits: [Q, K+1] or None (no class term).
             target_labels: [N] long class ids in [0, K), required with ``pred_class_logits``.
-            pred_match_probs: [Q, N] probabilities that query q is target n (sigmoid scores of the
-                referring / region heads), or None; adds ``-cost_class * prob`` like the class term.
 
         Returns:
             [Q, N] float32 cost matrix.
         """
-        num_queries, num_targets = pred_masks.shape[0], target_masks.shape[0]
-        points = self.sample_points(self.num_points, pred_masks.device)
-        tgt = point_sample(
-            target_masks[:, None].float(), points.expand(num_targets, -1, -1), align_corners=False
-        ).squeeze(1)
-        out = point_sample(
-            pred_masks[:, None].float(), points.expand(num_queries, -1, -1), align_corners=False
-        ).squeeze(1)
-        cost = self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(out, tgt)
-        if pred_class_logits is not None:
-            if target_labels is None:
-                raise ValueError("the class cost needs targets[b]['labels'] (long [N])")
-            num_classes = pred_class_logits.shape[-1]
-            if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= num_classes):
-                raise ValueError(
-                    f"target labels must lie in [0, {num_classes}) for class logits with "
-                    f"{num_classes} entries (K classes + background); got "
-                    f"[{int(target_labels.min())}, {int(target_labels.max())}]"
-                )
-            prob = pred_class_logits.float().softmax(-1)  # [Q, K+1]
-            cost = cost - self.cost_class * prob[:, target_labels.to(prob.device)]
-        if pred_match_probs is not None:
-            if pred_match_probs.shape != cost.shape:
-                raise ValueError(
-                    f"pred_match_probs must be [Q, N] = {tuple(cost.shape)}, got {tuple(pred_match_probs.shape)}"
-                )
-            cost = cost - self.cost_class * pred_match_probs.float().to(cost.device)
+        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+            num_queries, num_targets = pred_masks.shape[0], target_masks.shape[0]
+            points = self.sample_points(self.num_points, pred_masks.device)
+            tgt = point_sample(
+                target_masks[:, None].float(), points.expand(num_targets, -1, -1), align_corners=False
+            ).squeeze(1)
+            out = point_sample(
+                pred_masks[:, None].float(), points.expand(num_queries, -1, -1), align_corners=False
+            ).squeeze(1)
+            cost = self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(out, tgt)
+            if pred_class_logits is not None:
+                if target_labels is None:
+                    raise ValueError("the class cost needs targets[b]['labels'] (long [N])")
+                num_classes = pred_class_logits.shape[-1]
+                if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= num_classes):
+                    raise ValueError(
+                        f"target labels must lie in [0, {num_classes}) for class logits with "
+                        f"{num_classes} entries (K classes + background); got "
+                        f"[{int(target_labels.min())}, {int(target_labels.max())}]"
+                    )
+                prob = pred_class_logits.float().softmax(-1)  # [Q, K+1]
+                cost = cost - self.cost_class * prob[:, target_labels.to(prob.device)]
         return cost
 
     @torch.no_grad()
-    def forward(
+    def cost_matrices(
         self,
         pred_masks: torch.Tensor,
         targets: Sequence[Dict[str, torch.Tensor]],
         pred_class_logits: Optional[torch.Tensor] = None,
-        pred_match_probs: Optional[Sequence[torch.Tensor]] = None,
-    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Match every image of the batch; see the class docstring for shapes
-        (``pred_match_probs``: one [Q, N_b] tensor per image, see :meth:`cost_matrix`)."""
+    ) -> List[Optional[torch.Tensor]]:
+        """One [Q, N_b] float32 :meth:`cost_matrix` per image (None for an image without targets)."""
         if pred_masks.dim() != 4:
             raise ValueError(f"pred_masks must be [B, Q, h, w], got shape {tuple(pred_masks.shape)}")
         batch_size = pred_masks.shape[0]
@@ -171,31 +162,44 @@ class HungarianMatcher(nn.Module):
                 f"pred_class_logits {tuple(pred_class_logits.shape)} does not match pred_masks "
                 f"{tuple(pred_masks.shape)} in [B, Q]"
             )
-        indices = []
-        empty = torch.empty(0, dtype=torch.int64)
+        costs = []
         for b in range(batch_size):
             target_masks = targets[b]["masks"]
             if target_masks.shape[0] == 0:
-                indices.append((empty, empty.clone()))
+                costs.append(None)
                 continue
-            cost = self.cost_matrix(
+            costs.append(self.cost_matrix(
                 pred_masks[b],
                 target_masks.to(pred_masks.device),
                 None if pred_class_logits is None else pred_class_logits[b],
                 targets[b].get("labels"),
-                None if pred_match_probs is None else pred_match_probs[b],
+            ))
+        return costs
+
+    @staticmethod
+    def assign(cost: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(query_idx, target_idx)`` int64 CPU tensors minimising ``cost`` [Q, N] (two empty ones for None)."""
+        if cost is None:
+            empty = torch.empty(0, dtype=torch.int64)
+            return empty, empty.clone()
+        cost = cost.cpu().numpy()
+        if not np.isfinite(cost).all():
+            raise FloatingPointError(
+                "non-finite matching cost (NaN/Inf in pred_masks or pred_class_logits); "
+                "check the model outputs / loss scale"
             )
-            cost = cost.cpu().numpy()
-            if not np.isfinite(cost).all():
-                raise FloatingPointError(
-                    "non-finite matching cost (NaN/Inf in pred_masks or pred_class_logits); "
-                    "check the model outputs / loss scale"
-                )
-            rows, cols = linear_sum_assignment(cost)
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
-        return indices
+        rows, cols = linear_sum_assignment(cost)
+        return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        pred_masks: torch.Tensor,
+        targets: Sequence[Dict[str, torch.Tensor]],
+        pred_class_logits: Optional[torch.Tensor] = None,
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Match every image of the batch; see the class docstring for shapes."""
+        return [self.assign(cost) for cost in self.cost_matrices(pred_masks, targets, pred_class_logits)]
 
     def extra_repr(self) -> str:
         return (

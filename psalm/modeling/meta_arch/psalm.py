@@ -36,6 +36,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
+from ...config import extension_options_set
 from .. import tasks as T
 from ..conditions import (
     RegionPooler,
@@ -126,7 +127,6 @@ class PSALM(nn.Module):
         seg_token: str = "[SEG]",
         model_max_length: int = 2048,
         prompt_style: str = "official",
-        refer_as_class: bool = False,
     ):
         """
         Args:
@@ -149,9 +149,6 @@ class PSALM(nn.Module):
             shuffle_classes_train: shuffle the class order of category prompts in training (official).
             lm_loss_weight: weight of the next-token loss of instruction / caption batches.
             max_new_tokens: generation length for instruction / caption inference.
-            refer_as_class: sentence conditions go through the category scoring path: ``refer_projector``
-                is ``class_projector`` and ``predictor.refer_head`` is ``predictor.class_head`` (the same
-                modules; their state-dict entries appear under both names). False: the official model.
         """
         super().__init__()
         self.backbone = backbone
@@ -169,9 +166,6 @@ class PSALM(nn.Module):
         self.class_projector = nn.Linear(hidden, decoder_dim)
         self.refer_projector = nn.Linear(hidden, decoder_dim)
         self.region_projector = nn.Linear(hidden, decoder_dim)
-        if refer_as_class:
-            self.refer_projector = self.class_projector
-            predictor.refer_head = predictor.class_head
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
         self.criterion = criterion
@@ -209,6 +203,7 @@ class PSALM(nn.Module):
     @classmethod
     def from_config(cls, cfg, device: str | torch.device | None = None, tokenizer=None):
         """``device="meta"`` builds the structure only (no memory, no tokenizer needed)."""
+        cls.check_extension_options(cfg)
         on_meta = device is not None and torch.device(device).type == "meta"
         if tokenizer is None and not on_meta:
             tokenizer = build_tokenizer(cfg)
@@ -239,7 +234,6 @@ class PSALM(nn.Module):
             "freeze_backbone": p.FREEZE_BACKBONE,
             "backbone_eval_mode": p.BACKBONE_EVAL_MODE,
             "refer_pooling": p.REFER_POOLING,
-            "refer_as_class": p.REFER_AS_CLASS,
             "shuffle_classes_train": p.SHUFFLE_CLASSES_TRAIN,
             "lm_loss_weight": p.LM_LOSS_WEIGHT,
             "max_new_tokens": cfg.TEST.PSALM.MAX_NEW_TOKENS,
@@ -247,6 +241,19 @@ class PSALM(nn.Module):
             "model_max_length": p.MODEL_MAX_LENGTH,
             "prompt_style": p.PROMPT_STYLE,
         }
+
+    @classmethod
+    def check_extension_options(cls, cfg) -> None:
+        """The official model reads no ``MODEL.EXTENSIONS`` key: any of them set is an error (they are read
+        by the classes of ``psalm.modeling.extensions``, selected by name; docs/DESIGN.md)."""
+        options = extension_options_set(cfg)
+        if options:
+            raise ValueError(
+                f"MODEL.EXTENSIONS.{{{', '.join(options)}}} set, but MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} "
+                "(the official model) does not read them: select MODEL.META_ARCHITECTURE 'ExtendedPSALM' (and, for "
+                "the scoring-head options, MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME 'ExtendedPSALMDecoder'), or "
+                "leave MODEL.EXTENSIONS at its defaults"
+            )
 
     # ------------------------------------------------------------------------------ basics
     @property
@@ -306,16 +313,6 @@ class PSALM(nn.Module):
             out.update(self._pixel_decoder(features))
         return out
 
-    def _head_pool_features(self, image_features: Mapping) -> dict:
-        """``{"pool_features": map}`` for a predictor with head mask pooling (MODEL.MASK_FORMER.HEAD_MASK_POOLING),
-        else ``{}``: decoders without that option keep their signature."""
-        source = getattr(self.predictor, "head_pool_source", "")
-        if not source:
-            return {}
-        if source == "mask_features":
-            return {"pool_features": image_features["mask_features"]}
-        return {"pool_features": image_features["features"][source]}
-
     def _pixel_decoder(self, features) -> dict:
         mask_features, _, multi_scale = self.pixel_decoder(features)
         return {"mask_features": mask_features, "multi_scale_features": list(multi_scale)}
@@ -363,6 +360,10 @@ class PSALM(nn.Module):
         )
         return out.last_hidden_state
 
+    def sentence_projector(self) -> nn.Module:
+        """The Linear(H -> D) applied to sentence conditions: ``refer_projector`` (official ``SEG_token_projector``)."""
+        return self.refer_projector
+
     def read_conditions(
         self, task: str, hidden: torch.Tensor, sequence: AssembledSequence, prompts: Sequence[TokenizedPrompt]
     ) -> Conditions:
@@ -375,7 +376,8 @@ class PSALM(nn.Module):
             restore = torch.stack([p.restore_index for p in prompts])
             cond.classes = self.class_projector(category_condition(hidden, sequence.class_span_ids, restore))
         elif kind == "sentence":
-            cond.refer = self.refer_projector(sentence_condition(hidden, sequence.refer_span_mask, self.refer_pooling))
+            pooled = sentence_condition(hidden, sequence.refer_span_mask, self.refer_pooling)
+            cond.refer = self.sentence_projector()(pooled)
         elif kind == "region":
             cond.regions = [self.region_projector(r) for r in gather_region_tokens(hidden, sequence.region_positions)]
         return cond
@@ -409,16 +411,19 @@ class PSALM(nn.Module):
         )
         hidden = self.run_llm(sequence)
         cond = self.read_conditions(task, hidden, sequence, prompts)
-        outputs = self.predictor(
+        outputs = self.run_predictor(image_features, cond)
+        return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
+
+    def run_predictor(self, image_features: Mapping, cond: Conditions) -> dict:
+        """Step 8: the predictor on the pixel decoder's maps (``image_features``) and the conditions."""
+        return self.predictor(
             image_features["multi_scale_features"],
             image_features["mask_features"],
             cond.queries,
             cond.refer,
             cond.classes,
             cond.regions,
-            **self._head_pool_features(image_features),
         )
-        return SegmentationForward(task, prompts, image_tokens, regions, sequence, hidden, cond, outputs)
 
     def forward(self, batched_inputs: Sequence[Mapping], image_features: Mapping | None = None):
         """Training: dict of losses. Inference: list of result dicts (``docs/DESIGN.md``)."""
@@ -500,17 +505,23 @@ def _select_batch(tree, idx: Sequence[int]):
 
 
 def build_psalm_model(cfg, device: str | torch.device | None = None, tokenizer=None) -> PSALM:
-    """Build :class:`PSALM` from ``cfg`` on ``device`` (default ``cfg.MODEL.DEVICE``).
+    """Build ``MODEL.META_ARCHITECTURE`` (:class:`PSALM` or a registered subclass) from ``cfg`` on ``device``
+    (default ``cfg.MODEL.DEVICE``).
 
     ``device="meta"`` builds the full structure without memory or initialisation (seconds even for
     the full-size model): for parameter counts and checkpoint key / shape checks. Such a model has
     no tokenizer and cannot run.
     """
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    if not (isinstance(arch, type) and issubclass(arch, PSALM)):
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r} is not PSALM or a subclass of it"
+        )
     device = torch.device(device if device is not None else cfg.MODEL.DEVICE)
     if device.type == "meta":
         with torch.device("meta"):
-            return PSALM(cfg, device="meta", tokenizer=tokenizer)
-    model = PSALM(cfg, device=device, tokenizer=tokenizer)
+            return arch(cfg, device="meta", tokenizer=tokenizer)
+    model = arch(cfg, device=device, tokenizer=tokenizer)
     return model.to(device)
 
 

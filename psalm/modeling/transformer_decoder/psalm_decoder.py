@@ -19,21 +19,11 @@ attention mask of a layer comes from the previous prediction, bilinearly resized
 layer's level: positions with ``sigmoid(mask logit) < 0.5`` are masked, and a query whose row would be
 fully masked attends everywhere.
 
-Head mask pooling (``MODEL.MASK_FORMER.HEAD_MASK_POOLING``, off in the official model): at every
-prediction stage, a feature map ``F`` [B, C_p, h, w] given as ``pool_features`` (the mask features or a
-backbone map) is averaged under each query's own predicted mask,
-``p_q = sum_x s_q(x) F(x) / (sum_x s_q(x) + 1)`` with ``s_q = sigmoid(mask logit)`` bilinearly resized to
-``h x w`` (detached: the scoring losses do not move the masks), and the three scoring heads read
-``decoder_norm(q) + head_pool_proj(LN(p_q))`` instead of ``decoder_norm(q)``; the mask head is unchanged.
-The extra parameters are ``head_pool_norm`` and ``head_pool_proj`` (C_p -> hidden_dim).
-
-Head mask shape (``MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID`` = k, 0 = off = official): at every prediction
-stage, each query's own soft mask ``sigmoid(mask logit)`` (detached, at the mask-feature resolution) is
-resampled bilinearly at the k x k cell centres of its box (the extent of ``sigmoid >= 0.5``; the whole map
-for an empty mask), like an RoIAlign of the mask on itself, and the scoring heads also add
-``head_shape_proj(grid)`` (k*k -> hidden_dim). The grid is scale- and position-normalised, so it tells
-the heads the silhouette (a square fills it, a diamond leaves the corners empty), which mean-pooled
-features cannot. Both options add to the same head input and may be combined.
+Subclasses (the research extensions in ``psalm.modeling.extensions``, beyond the paper) change what the
+scoring heads read through two methods, without touching the official computation: ``head_input`` (the
+heads' input at each stage: ``decoder_norm(queries)`` here) and ``sentence_head`` (the MLP that scores
+sentences: ``refer_head`` here); ``_decode`` carries the conditions as a dict, so a subclass's ``forward``
+can add inputs for ``head_input``.
 """
 
 from __future__ import annotations
@@ -52,7 +42,6 @@ __all__ = [
     "TRANSFORMER_DECODER_REGISTRY",
     "PSALMMultiScaleMaskedTransformerDecoder",
     "build_transformer_decoder",
-    "mask_shape_grid",
     "MLP",
 ]
 
@@ -167,14 +156,8 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         enforce_input_project: bool,
         dropout: float = 0.0,
         num_feature_levels: int = 3,
-        head_pool_source: str = "",
-        head_pool_dim: int = 0,
-        head_shape_grid: int = 0,
     ):
-        """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers.
-        Head mask pooling: ``head_pool_source`` names the map the caller passes as ``pool_features``
-        (``""`` = off, ``"mask_features"`` or a backbone feature), ``head_pool_dim`` its channels ``C_p``.
-        ``head_shape_grid``: k of the head mask shape grid (0 = off)."""
+        """``dec_layers`` counts prediction stages as Mask2Former's DEC_LAYERS: ``dec_layers - 1`` layers."""
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS={dec_layers} must be >= 1")
@@ -207,41 +190,11 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         self.class_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.refer_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
         self.region_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
-        if bool(head_pool_source) != bool(head_pool_dim):
-            raise ValueError(
-                f"head mask pooling needs both a source and its channels; got head_pool_source={head_pool_source!r}, "
-                f"head_pool_dim={head_pool_dim}"
-            )
-        self.head_pool_source = head_pool_source
-        self.head_pool_dim = head_pool_dim
-        if head_pool_dim:
-            self.head_pool_norm = nn.LayerNorm(head_pool_dim)
-            self.head_pool_proj = nn.Linear(head_pool_dim, hidden_dim)
-        if head_shape_grid < 0:
-            raise ValueError(
-                f"MODEL.MASK_FORMER.HEAD_MASK_SHAPE_GRID={head_shape_grid} must be >= 0 (0 = off, k = a k x k grid)"
-            )
-        self.head_shape_grid = head_shape_grid
-        if head_shape_grid:
-            self.head_shape_proj = nn.Linear(head_shape_grid * head_shape_grid, hidden_dim)
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, input_shape: dict | None = None):
-        """``input_shape``: the backbone's ``output_shape()``, needed when HEAD_MASK_POOLING names a backbone map."""
+        """``input_shape``: the backbone's ``output_shape()`` (unused here; for decoders that read backbone maps)."""
         m = cfg.MODEL.MASK_FORMER
-        source = m.HEAD_MASK_POOLING
-        if not source:
-            head_pool_dim = 0
-        elif source == "mask_features":
-            head_pool_dim = cfg.MODEL.SEM_SEG_HEAD.MASK_DIM
-        elif input_shape is not None and source in input_shape:
-            head_pool_dim = input_shape[source].channels
-        else:
-            known = sorted(input_shape) if input_shape is not None else "the backbone's features"
-            raise ValueError(
-                f"MODEL.MASK_FORMER.HEAD_MASK_POOLING={source!r}: expected '' (off), 'mask_features' or one of "
-                f"{known}"
-            )
         return {
             "in_channels": in_channels,
             "hidden_dim": m.HIDDEN_DIM,
@@ -253,9 +206,6 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": m.ENFORCE_INPUT_PROJ,
             "dropout": m.DROPOUT,
-            "head_pool_source": source,
-            "head_pool_dim": head_pool_dim,
-            "head_shape_grid": m.HEAD_MASK_SHAPE_GRID,
         }
 
     def forward(
@@ -266,7 +216,6 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
         refer_embeddings: torch.Tensor | None = None,
         class_embeddings: torch.Tensor | None = None,
         region_embeddings: list[torch.Tensor] | None = None,
-        pool_features: torch.Tensor | None = None,
     ) -> dict:
         """
         Args:
@@ -276,24 +225,22 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             refer_embeddings: [B, 1, D] sentence conditions, or None.
             class_embeddings: [B, K+1, D] category conditions (last = background), or None.
             region_embeddings: list of B tensors [R_b, D] (visual-prompt conditions), or None.
-            pool_features: [B, C_p, h, w] for head mask pooling (required when it is on, else ignored).
         Returns:
             dict with ``pred_masks`` [B, Q, H, W], ``pred_class_logits`` [B, Q, K+1] | None,
             ``pred_refer_logits`` [B, Q, 1] | None, ``pred_region_logits`` list of [R_b, Q] | None,
             and ``aux_outputs``: ``DEC_LAYERS - 1`` dicts with the same four keys, the first one from the
             raw queries (before layer 0), the last from the second-to-last layer.
         """
+        conditions = {"refer": refer_embeddings, "classes": class_embeddings, "regions": region_embeddings}
+        return self._decode(multi_scale_features, mask_features, queries, conditions)
+
+    def _decode(self, multi_scale_features, mask_features, queries, conditions: dict) -> dict:
+        """The decoder layers and the prediction at every stage; ``conditions``: ``refer`` / ``classes`` /
+        ``regions`` (the ``forward`` arguments) and whatever a subclass's ``head_input`` reads."""
         self._check_inputs(
-            multi_scale_features, mask_features, queries, refer_embeddings, class_embeddings, region_embeddings
+            multi_scale_features, mask_features, queries,
+            conditions["refer"], conditions["classes"], conditions["regions"],
         )
-        if self.head_pool_dim and (
-            pool_features is None or pool_features.shape[:2] != (queries.shape[0], self.head_pool_dim)
-        ):
-            raise ValueError(
-                f"head mask pooling (MODEL.MASK_FORMER.HEAD_MASK_POOLING) needs pool_features "
-                f"[B={queries.shape[0]}, {self.head_pool_dim}, h, w]; got "
-                f"{None if pool_features is None else tuple(pool_features.shape)}"
-            )
         B = queries.shape[0]
         src, pos, sizes = [], [], []
         for i, x in enumerate(multi_scale_features):
@@ -302,10 +249,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             src.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).transpose(1, 2))
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)
         output = queries
-        conditions = (refer_embeddings, class_embeddings, region_embeddings, pool_features)
 
         predictions = []
-        pred, attn_mask = self._predict(output, mask_features, sizes[0], *conditions)
+        pred, attn_mask = self._predict(output, mask_features, sizes[0], conditions)
         predictions.append(pred)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
@@ -317,15 +263,25 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
             output = self.transformer_ffn_layers[i](output)
             pred, attn_mask = self._predict(
-                output, mask_features, sizes[(i + 1) % self.num_feature_levels], *conditions
+                output, mask_features, sizes[(i + 1) % self.num_feature_levels], conditions
             )
             predictions.append(pred)
         out = dict(predictions[-1])
         out["aux_outputs"] = predictions[:-1]
         return out
 
-    def _predict(self, output, mask_features, target_size, refer, classes, regions, pool_features):
+    def head_input(self, decoded: torch.Tensor, pred_masks: torch.Tensor, conditions: dict) -> torch.Tensor:
+        """[B, Q, D]: what the class / refer / region heads read at one stage: ``decoded`` =
+        ``decoder_norm(queries)`` (official; ``pred_masks`` [B, Q, H, W] are this stage's mask logits)."""
+        return decoded
+
+    def sentence_head(self) -> nn.Module:
+        """The MLP that scores sentence conditions: ``refer_head`` (official ``SEG_proj``)."""
+        return self.refer_head
+
+    def _predict(self, output, mask_features, target_size, conditions):
         """Heads on ``decoder_norm(output)`` and the next layer's attention mask [B * heads, Q, h*w]."""
+        refer, classes, regions = conditions["refer"], conditions["classes"], conditions["regions"]
         decoded = self.decoder_norm(output)  # [B, Q, D]
         pred_masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
         # fp32 island (official): resize the mask logits in float32
@@ -339,29 +295,15 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_region_logits": None,
         }
         if classes is not None or refer is not None or regions is not None:
-            if self.head_pool_dim:
-                decoded = decoded + self._mask_pooled(pred_masks, pool_features)
-            if self.head_shape_grid:
-                decoded = decoded + self.head_shape_proj(mask_shape_grid(pred_masks, self.head_shape_grid))
+            decoded = self.head_input(decoded, pred_masks, conditions)
         if classes is not None:
             pred["pred_class_logits"] = torch.einsum("bqd,bkd->bqk", self.class_head(decoded), classes)
         if refer is not None:
-            pred["pred_refer_logits"] = torch.einsum("bqd,bkd->bqk", self.refer_head(decoded), refer)
+            pred["pred_refer_logits"] = torch.einsum("bqd,bkd->bqk", self.sentence_head()(decoded), refer)
         if regions is not None:
             proj = self.region_head(decoded)
             pred["pred_region_logits"] = [torch.einsum("rd,qd->rq", r, p) for r, p in zip(regions, proj)]
         return pred, attn_mask
-
-    def _mask_pooled(self, pred_masks, pool_features):
-        """[B, Q, D]: ``head_pool_proj(LN(p_q))`` for ``pool_features`` [B, C_p, h, w] averaged under each
-        query's (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] resized to h x w (module docstring)."""
-        logits = pred_masks.detach().float()
-        if logits.shape[-2:] != pool_features.shape[-2:]:
-            logits = F.interpolate(logits, size=pool_features.shape[-2:], mode="bilinear", align_corners=False)
-        weights = logits.sigmoid().to(pool_features.dtype)
-        pooled = torch.einsum("bqhw,bchw->bqc", weights, pool_features)
-        pooled = pooled / (weights.sum(dim=(-2, -1)).unsqueeze(-1) + 1.0)
-        return self.head_pool_proj(self.head_pool_norm(pooled))
 
     def _check_inputs(self, feats, mask_features, queries, refer, classes, regions):
         if len(feats) != self.num_feature_levels:
@@ -383,42 +325,9 @@ class PSALMMultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"region_embeddings must be a list of B={B} tensors [R_b, D]")
 
 
-def mask_shape_grid(pred_masks: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, Q, k*k]: each (detached) soft mask ``sigmoid(pred_masks)`` [B, Q, H, W] sampled bilinearly at the
-    k x k cell centres of its box, the pixel extent of ``sigmoid >= 0.5`` (the whole map when that is empty).
-
-    Coordinates: pixel ``i`` covers ``[i, i + 1)``; a box spans ``[min, max + 1)`` on each axis, and cell
-    ``j`` of k is sampled at ``min + (j + 0.5) * (max + 1 - min) / k`` (``grid_sample`` with
-    ``align_corners=False``, border padding)."""
-    B, Q, H, W = pred_masks.shape
-    probs = pred_masks.detach().float().sigmoid()
-    inside = probs >= 0.5
-    centres = (torch.arange(k, device=probs.device, dtype=probs.dtype) + 0.5) / k  # [k]
-    coords = []
-    for axis, size in ((-2, W), (-1, H)):  # any over rows -> columns (x); any over columns -> rows (y)
-        hit = inside.any(dim=axis)  # [B, Q, size]
-        idx = torch.arange(size, device=probs.device, dtype=probs.dtype)
-        lo = torch.where(hit, idx, torch.full_like(idx, float(size))).amin(-1)
-        hi = torch.where(hit, idx, torch.full_like(idx, -1.0)).amax(-1) + 1
-        empty = ~hit.any(-1)
-        lo = torch.where(empty, torch.zeros_like(lo), lo)
-        hi = torch.where(empty, torch.full_like(hi, float(size)), hi)
-        pix = lo[..., None] + centres * (hi - lo)[..., None]  # [B, Q, k] pixel coordinates
-        coords.append(pix * 2.0 / size - 1.0)  # grid_sample's normalised coordinates (align_corners=False)
-    gx, gy = coords
-    grid = torch.stack(
-        (gx[:, :, None, :].expand(B, Q, k, k), gy[:, :, :, None].expand(B, Q, k, k)), dim=-1
-    )  # [B, Q, k(y), k(x), 2]
-    sampled = F.grid_sample(
-        probs.reshape(B * Q, 1, H, W), grid.reshape(B * Q, k, k, 2), mode="bilinear",
-        padding_mode="border", align_corners=False,
-    )  # [B*Q, 1, k, k]
-    return sampled.reshape(B, Q, k * k).to(pred_masks.dtype)
-
-
 def build_transformer_decoder(cfg, in_channels: int, input_shape: dict | None = None) -> nn.Module:
     """Build ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME`` for features with ``in_channels`` channels
-    (``input_shape``: the backbone's ``output_shape()``, for HEAD_MASK_POOLING on a backbone map)."""
+    (``input_shape``: the backbone's ``output_shape()``, for decoders that read backbone maps)."""
     return TRANSFORMER_DECODER_REGISTRY.get(cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)(
         cfg, in_channels, input_shape=input_shape
     )

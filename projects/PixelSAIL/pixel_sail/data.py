@@ -37,7 +37,7 @@ from psalm.evaluation.masks import annotation_to_mask, union_mask
 from .patchify import mask_to_patches, preprocess_image
 from .tokens import prompt_token
 
-__all__ = ["PixelSAILDatasetMapper", "TEMPLATES", "vp_question", "referring_question", "parse_category"]
+__all__ = ["PixelSAILDatasetMapper", "prompt_inputs", "TEMPLATES", "vp_question", "referring_question", "parse_category"]
 
 TEMPLATES = {
     "referring": "Please segment {sent} in this image.",
@@ -67,6 +67,19 @@ def parse_category(text: str, class_names: List[str]) -> Optional[str]:
         if m and (best_pos is None or m.start() < best_pos):
             best, best_pos = name, m.start()
     return best
+
+
+def prompt_inputs(masks: np.ndarray, grid_hw, numbers):
+    """Visual-prompt masks bool [R, H, W] (original size) with prompt numbers -> (``vp_patch_masks`` bool
+    [R, h, w], ``vp_ids``), ordered by area, largest first, so that smaller prompts overwrite larger ones
+    where they overlap (the official datasets' order). Used by the mapper and the predictor."""
+    masks = np.asarray(masks, dtype=bool)
+    if len(numbers) != len(masks):
+        raise ValueError(f"{len(numbers)} prompt numbers for {len(masks)} prompt masks")
+    order = sorted(range(len(masks)), key=lambda i: -int(masks[i].sum()))
+    t = torch.as_tensor(masks[order]) if len(masks) else torch.zeros(0, 1, 1, dtype=torch.bool)
+    patch = mask_to_patches(t, grid_hw) if len(masks) else torch.zeros(0, *grid_hw, dtype=torch.bool)
+    return patch, [int(numbers[i]) for i in order]
 
 
 class PixelSAILDatasetMapper:
@@ -134,14 +147,12 @@ class PixelSAILDatasetMapper:
         if len(regions) > self.num_vp:
             keep = sorted(rng.choice(len(regions), self.num_vp, replace=False)) if self.is_train else range(self.num_vp)
             regions = [regions[i] for i in keep]
-        order = sorted(range(len(regions)), key=lambda i: -int(regions[i][1].sum()))  # largest first
         if self.is_train:
             numbers = [int(k) for k in rng.permutation(self.num_vp)[:len(regions)]]
         else:
             numbers = list(range(len(regions)))
-        masks = torch.as_tensor(np.stack([regions[i][1] for i in order])) if regions else torch.zeros(0, H, W, dtype=torch.bool)
-        out["vp_patch_masks"] = mask_to_patches(masks, grid)
-        out["vp_ids"] = [numbers[i] for i in order]
+        masks = np.stack([m for _, m in regions]) if regions else np.zeros((0, H, W), bool)
+        out["vp_patch_masks"], out["vp_ids"] = prompt_inputs(masks, grid, numbers)
         out["region_ann_indices"] = [regions[i][0] for i in range(len(regions))]
         qa = [(vp_question(numbers[i]), TEMPLATES["vp_answer"].format(name=self._category_name(d["annotations"][regions[i][0]])))
               for i in range(len(regions))]

@@ -456,3 +456,55 @@ def test_stage1_only_the_projector_trains(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("projector.") for k in changed), sorted(changed)[:5]
     assert any(k.endswith("weight") for k in changed)
+
+
+# ----------------------------------------------------------------------------- resume at scale
+def test_checkpoint_max_to_keep_default_keeps_a_few():
+    from psalm.config import get_psalm_cfg
+
+    assert 1 <= get_psalm_cfg().SOLVER.CHECKPOINT_MAX_TO_KEEP <= 3
+
+
+def test_pruning_survives_a_resume(tmp_path):
+    """Files written before a resume count towards CHECKPOINT_MAX_TO_KEEP and are pruned too."""
+    cfg = standin_cfg(tmp_path, CHECKPOINT_PERIOD=2, CHECKPOINT_MAX_TO_KEEP=0, MAX_ITER=12)
+    _train(cfg, crash_at=7)
+    periodic = sorted(p.name for p in tmp_path.glob("model_0*.pth"))
+    assert periodic == ["model_0000001.pth", "model_0000003.pth", "model_0000005.pth"]
+    cfg = standin_cfg(tmp_path, CHECKPOINT_PERIOD=2, CHECKPOINT_MAX_TO_KEEP=2, MAX_ITER=12)
+    resumed = _train(cfg, resume=True)
+    assert resumed.start_iter == 6
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
+        "model_0000007.pth", "model_0000009.pth", "model_final.pth"]
+
+
+_RSS_SCRIPT = r"""
+import sys, torch
+from psalm.engine import PSALMCheckpointer
+
+def rss_anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+ckpt = PSALMCheckpointer(torch.nn.Linear(1, 1))
+before = rss_anon_kb()
+loaded = ckpt._load_file(sys.argv[1])
+total = sum(float(v.sum()) for v in loaded["model"].values())  # touch every page
+print(rss_anon_kb() - before)
+"""
+
+
+def test_resume_loads_checkpoints_memory_mapped(tmp_path):
+    """Loading a checkpoint does not copy it into the process's own (anonymous) memory: the tensors are
+    memory-mapped from the file, so the ranks of a node share one copy in the page cache."""
+    import subprocess
+    import sys
+
+    n_mb = 96
+    torch.save({"model": {f"w{i}": torch.ones(n_mb // 8, 1024 * 256) for i in range(8)}}, tmp_path / "big.pth")
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big.pth")], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_mb = int(proc.stdout.split()[-1]) / 1024
+    assert grown_mb < n_mb / 4, f"loading a {n_mb} MB checkpoint grew the anonymous memory by {grown_mb:.0f} MB"

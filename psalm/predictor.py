@@ -212,8 +212,7 @@ class PSALMPredictor:
         self.scribble_radius = int(cfg.INPUT.SCRIBBLE_RADIUS)
         self.default_task = cfg.MODEL.PSALM.TEST_TASK
 
-        if cfg.MODEL.META_ARCHITECTURE != "PSALM":
-            raise ValueError(f"PSALMPredictor runs MODEL.META_ARCHITECTURE='PSALM', got {cfg.MODEL.META_ARCHITECTURE!r}")
+        # PSALM or a registered subclass (e.g. the research extensions' ExtendedPSALM); anything else is refused there
         self.model = build_psalm_model(self.cfg, device=self.device)
         self.model.eval()
         if cfg.MODEL.WEIGHTS:

@@ -338,3 +338,16 @@ def test_head_mask_shape_grid_in_the_model(tokenizer_dir):
     with torch.no_grad():
         out = m([make_input("referring", 3)])[0]
     assert out["instances"].pred_masks.shape == (1, 96, 128)
+
+
+def test_predictor_runs_the_extended_model(tokenizer_dir):
+    """PSALMPredictor builds MODEL.META_ARCHITECTURE (PSALM or a subclass); other architectures are refused."""
+    from psalm.predictor import PSALMPredictor
+
+    cfg = _ext_cfg(tokenizer_dir, "MODEL.EXTENSIONS.REFER_AS_CLASS", True, "MODEL.EXTENSIONS.HEAD_MASK_SHAPE_GRID", 3)
+    predictor = PSALMPredictor(cfg)
+    assert type(predictor.model) is ExtendedPSALM
+    out = predictor(torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy(), "referring", text="the cup")
+    assert out["instances"].pred_masks.shape[-2:] == (40, 60)
+    with pytest.raises(ValueError, match="'GeneralizedRCNN' is not PSALM or a subclass"):
+        build_psalm_model(tiny_cfg(tokenizer_dir, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"), device="meta")

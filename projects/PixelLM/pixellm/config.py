@@ -43,6 +43,9 @@ def add_pixellm_config(cfg):
     p.LLM.MAX_POSITION_EMBEDDINGS = 2048
     p.LLM.ROPE_THETA = 10000.0
     p.LLM.GRADIENT_CHECKPOINTING = False
+    # train every LLM weight (models trained from scratch, e.g. the synthetic run); the official
+    # recipe trains LoRA + embed_tokens + lm_head only
+    p.LLM.TRAIN_FULL = False
     # LoRA through peft (official: q_proj, v_proj, r 8, alpha 16, dropout 0.05)
     p.LLM.LORA = CN()
     p.LLM.LORA.ENABLED = False

@@ -97,7 +97,7 @@ def _check_sizes_unset(cfg):
                     "(its config.json); remove the size from the config")
 
 
-def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False) -> list[str]:
+def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False, train_llm: bool = False) -> list[str]:
     """The official trainable set: LoRA parameters (if any), ``lm_head``, ``embed_tokens``,
     ``mask_decoder``, ``text_hidden_fcs``, ``mm_projector``, ``out_mm_projector`` (+ learned fusion
     weights); CLIP frozen; neck and prompt encoder frozen unless enabled. Returns the trainable names."""
@@ -105,6 +105,8 @@ def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False) -> l
              "token_fusion.", "scale_fusion.", "lora_"]
     if train_neck_and_prompt_encoder:
         train += ["image_feature_neck.", "prompt_encoder.no_mask_embed"]
+    if train_llm:
+        train += ["llm."]
     names = []
     for n, p in model.named_parameters():
         on = any(t in n for t in train) and not n.startswith("vision_tower.")
@@ -211,6 +213,8 @@ def pixellm_components(cfg, tokenizer=None) -> dict:
                    if mode == "learned"]  # fine-tuning the release with the paper's learnable fusion
         load_strict(holder, sd, allow_missing=learned, what=f"PixelLM weights in {model_dir}")
         kwargs = {k: getattr(holder, k) if isinstance(v, torch.nn.Module) else v for k, v in kwargs.items()}
+    if p.LLM.LORA.ENABLED and p.LLM.TRAIN_FULL:
+        raise ValueError("MODEL.PIXELLM.LLM.LORA.ENABLED and TRAIN_FULL exclude each other")
     if p.LLM.LORA.ENABLED:
         from peft import LoraConfig, get_peft_model
 

@@ -78,7 +78,7 @@ class PixelLM(nn.Module):
                  codebook_ids: Sequence[int], mask_loss: PixelLMMaskLoss, ce_weight: float = 1.0,
                  hidden_tap: str = "preceding", out_size: int = 0, pad_token_id: int = 0,
                  eos_token_id: int = 2, tokenizer=None, prompt_builder=None, max_new_tokens: int = 512,
-                 train_neck_and_prompt_encoder: bool = False):
+                 train_neck_and_prompt_encoder: bool = False, train_llm: bool = False):
         super().__init__()
         self.vision_tower = vision_tower
         self.llm = llm
@@ -108,7 +108,7 @@ class PixelLM(nn.Module):
         self.max_new_tokens = int(max_new_tokens)
         from .build import apply_trainable_set
 
-        self.trainable_names = apply_trainable_set(self, train_neck_and_prompt_encoder)
+        self.trainable_names = apply_trainable_set(self, train_neck_and_prompt_encoder, train_llm)
 
     @classmethod
     def from_config(cls, cfg, tokenizer=None):
@@ -116,6 +116,7 @@ class PixelLM(nn.Module):
 
         kwargs = pixellm_components(cfg, tokenizer=tokenizer)
         kwargs["train_neck_and_prompt_encoder"] = cfg.MODEL.PIXELLM.TRAIN_NECK_AND_PROMPT_ENCODER
+        kwargs["train_llm"] = cfg.MODEL.PIXELLM.LLM.TRAIN_FULL
         return kwargs
 
     # ------------------------------------------------------------------ basics

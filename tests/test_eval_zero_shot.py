@@ -307,3 +307,73 @@ def test_two_processes_match_one(env, tmp_path, task, dataset, key):
     one = json.loads((tmp_path / "n1" / f"results_{task}_{dataset}.json").read_text())["results"][key]
     two = json.loads((tmp_path / "n2" / f"results_{task}_{dataset}.json").read_text())["results"][key]
     assert one == pytest.approx(two, nan_ok=True)
+
+
+# ----------------------------------------------------------------------------- one evaluation path
+def _train_net():
+    spec = importlib.util.spec_from_file_location("train_net", REPO_ROOT / "tools" / "train_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record_inference(monkeypatch):
+    """Wrap PSALM.inference: record (batch size, autocast dtype or None) of every call."""
+    calls = []
+    original = PSALM.inference
+
+    def inference(self, batched_inputs, image_features=None):
+        on = torch.is_autocast_enabled("cpu")
+        calls.append((len(batched_inputs), torch.get_autocast_dtype("cpu") if on else None))
+        return original(self, batched_inputs, image_features=image_features)
+
+    monkeypatch.setattr(PSALM, "inference", inference)
+    return calls
+
+
+def test_train_net_and_eval_zero_shot_give_identical_metrics(env, tmp_path, monkeypatch):
+    """The same checkpoint through tools/train_net.py --eval-only and tools/eval_zero_shot.py: the same
+    precision (TEST.PSALM.DTYPE, here bf16 autocast), the same batches (TEST.PSALM.IMS_PER_BATCH) and
+    identical metrics."""
+    calls = _record_inference(monkeypatch)
+    common = ["TEST.PSALM.DTYPE", "bf16", "TEST.PSALM.IMS_PER_BATCH", "2"]
+    argv = ["--config-file", TINY, "--task", "grefcoco", "--dataset", "grefcoco_val", "--output",
+            str(tmp_path / "zs"), "--datasets-root", env["root"], *env["opts"], *common, "MODEL.WEIGHTS", env["weights"]]
+    zero_shot = tool.cli(argv)
+    zs_calls, calls[:] = list(calls), []
+
+    train_net = _train_net()
+    args = train_net.build_parser().parse_args(
+        ["--eval-only", "--config-file", TINY, *env["opts"], *common, "MODEL.WEIGHTS", env["weights"],
+         "DATASETS.TEST", '("grefcoco_val",)', "DATASETS.TEST_TASKS", '["gres"]', "OUTPUT_DIR", str(tmp_path / "tn")])
+    trained = train_net.main(args)
+    assert zs_calls and calls == zs_calls
+    assert {dtype for _, dtype in calls} == {torch.bfloat16}
+    assert max(n for n, _ in calls) == 2
+    assert trained["gres"] == zero_shot["gres"]
+    assert json.loads((tmp_path / "tn" / "results.json").read_text())["gres"] == pytest.approx(
+        json.loads((tmp_path / "zs" / "results_grefcoco_grefcoco_val.json").read_text())["results"]["gres"],
+        nan_ok=True)
+
+
+def test_batched_evaluation_matches_batch_one(env, tmp_path):
+    one = tool.cli(["--config-file", TINY, "--task", "grefcoco", "--dataset", "grefcoco_val", "--output",
+                    str(tmp_path / "b1"), "--datasets-root", env["root"], *env["opts"], "TEST.PSALM.IMS_PER_BATCH",
+                    "1", "MODEL.WEIGHTS", env["weights"]])
+    three = tool.cli(["--config-file", TINY, "--task", "grefcoco", "--dataset", "grefcoco_val", "--output",
+                      str(tmp_path / "b3"), "--datasets-root", env["root"], *env["opts"], "TEST.PSALM.IMS_PER_BATCH",
+                      "3", "MODEL.WEIGHTS", env["weights"]])
+    assert three["gres"] == pytest.approx(one["gres"], rel=1e-4, abs=1e-3, nan_ok=True)
+
+
+def test_empty_weights_are_refused_by_both_tools(env, tmp_path):
+    cfg = get_psalm_cfg(TINY, env["opts"] + ["MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*--allow-missing-keys"):
+        tool.build_model(cfg)
+    assert not tool.build_model(cfg, allow_missing_keys=True).training
+    train_net = _train_net()
+    args = train_net.build_parser().parse_args(
+        ["--eval-only", "--config-file", TINY, *env["opts"], "DATASETS.TEST", '("grefcoco_val",)',
+         "DATASETS.TEST_TASKS", '["gres"]', "OUTPUT_DIR", str(tmp_path / "tn")])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*--allow-missing-keys"):
+        train_net.main(args)

@@ -371,3 +371,18 @@ def test_convert_official_cli(bundle, tmp_path):
     state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     assert load_strict(build_psalm_model(cfg, device="cpu"), state).ok
     assert json.loads((out / "conversion_report.json").read_text())["num_keys"] == len(state)
+
+
+def test_converted_release_keeps_the_official_top_k(bundle, tmp_path):
+    """TEST.DETECTIONS_PER_IMAGE of a converted release follows its number of queries (official
+    test_topk_per_image = num_queries), whatever the config said (the tiny base config: 100)."""
+    from psalm.checkpoint.official import convert_official_release
+    from psalm.config import get_psalm_cfg
+
+    base = get_psalm_cfg("configs/tiny/Base-PSALM-tiny.yaml")
+    assert base.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE == 100
+    release = write_release(tmp_path / "release", bundle["sd"], bundle["dir"] / "tokenizer")
+    converted = get_psalm_cfg(str(convert_official_release(release, tmp_path / "out", base).config))
+    queries = int(bundle["sd"]["predictor.query_embed.weight"].shape[0])
+    assert converted.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == queries == 10
+    assert converted.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE == queries

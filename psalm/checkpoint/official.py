@@ -143,7 +143,10 @@ def _structure_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, obje
     if "seg_query" in sd:
         out["MODEL.PSALM.NUM_MASK_TOKENS"] = int(sd["seg_query"].shape[0])
     if "predictor.query_embed.weight" in sd:
-        out["MODEL.MASK_FORMER.NUM_OBJECT_QUERIES"] = int(sd["predictor.query_embed.weight"].shape[0])
+        queries = int(sd["predictor.query_embed.weight"].shape[0])
+        out["MODEL.MASK_FORMER.NUM_OBJECT_QUERIES"] = queries
+        # the official inference keeps the top NUM_OBJECT_QUERIES instances (test_topk_per_image = num_queries)
+        out["MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE"] = queries
     fc = sd.get("model.mm_projector.fc.weight")
     if fc is not None and "model.mm_projector.layer1.0.conv1.weight" in sd:
         out["MODEL.PSALM.PROJECTOR.MID_DIM"] = int(fc.shape[1])
@@ -156,7 +159,8 @@ def cfg_from_official_release(cfg, config: Mapping, sd: Mapping[str, torch.Tenso
     From ``config.json``: the Phi architecture (``MODEL.PSALM.LLM.*``: vocab size, hidden size,
     layers, heads, rotary, ...) and the projector type (``mm_projector_type``). From the weights,
     when given: the number of mask tokens / queries and the projector width. Every value that
-    changes is logged; a config whose other dimensions do not match the weights is caught later
+    changes is logged (``TEST.DETECTIONS_PER_IMAGE`` follows the number of queries, the official top-k);
+    a config whose other dimensions do not match the weights is caught later
     by the strict key/shape check.
     """
     if config.get("model_type") not in (None, "llava_phi", "phi"):

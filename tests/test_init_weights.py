@@ -244,3 +244,33 @@ def test_stage2_recipe_trains_through_train_net(stage2_files, tmp_path):
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     backbone = [k for k in final if k.startswith("backbone.")]
     assert backbone and all(torch.equal(final[k], stage2_files["m2f_truth"][k]) for k in backbone)
+
+
+def test_docs_describe_the_stage2_recipe_the_tests_run():
+    """docs/TRAINING.md shows the stage-2 config's INIT section verbatim; README, MODEL_ZOO.md and the
+    converters name the same files (one name per file everywhere)."""
+    import re
+
+    import yaml
+
+    from psalm.config import get_psalm_cfg
+
+    cfg = get_psalm_cfg(STAGE2)
+    training = (REPO_ROOT / "docs" / "TRAINING.md").read_text()
+    section = training[training.index("### Initial weights"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    shown = yaml.safe_load(block)["MODEL"]["PSALM"]
+    assert shown["INIT"]["WEIGHTS"] == [list(e) for e in cfg.MODEL.PSALM.INIT.WEIGHTS]
+    assert shown["INIT"]["RANDOM"] == list(cfg.MODEL.PSALM.INIT.RANDOM)
+    assert shown["TOKENIZER"] == cfg.MODEL.PSALM.TOKENIZER
+    files = [e[0] for e in cfg.MODEL.PSALM.INIT.WEIGHTS]
+    stage1 = get_psalm_cfg(str(REPO_ROOT / "configs/stage1/psalm_stage1_projector.yaml"))
+    assert {e[0] for e in stage1.MODEL.PSALM.INIT.WEIGHTS} <= set(files)
+    assert files[2] == stage1.OUTPUT_DIR + "/model_final.pth"
+    docs = {name: (REPO_ROOT / name).read_text() for name in ("README.md", "MODEL_ZOO.md", "docs/TRAINING.md")}
+    for name, text in docs.items():
+        for f in files:
+            assert f in text, (name, f)
+    for tool, f in (("convert_mask2former", files[0]), ("convert_phi", files[1])):
+        assert f"--output {f}" in (REPO_ROOT / "MODEL_ZOO.md").read_text()
+        assert f in (REPO_ROOT / "tools" / f"{tool}.py").read_text()

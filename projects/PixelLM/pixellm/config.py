@@ -97,6 +97,8 @@ def add_pixellm_config(cfg):
     # protocol ("teacher_forced") or "generate" (what users get)
     p.EVAL.MUSE_PROTOCOL = "generate"
     p.EVAL.REFER_PROTOCOL = "teacher_forced"
+    # evaluate referring data sets as MRefCOCO (sentences of an image asked together, 6/5/4 per question)
+    p.EVAL.MULTI_REFER = False
 
     p.OUT_SIZE = 0  # fused low-res mask size; 0 = 4 x the CLIP grid (128 for the release)
     p.MAX_NEW_TOKENS = 512

@@ -11,7 +11,9 @@ these figures are **IoU without GPT scoring** (``without_gpt_scoring: 1.0`` in t
 Referring (RefCOCO-style, psalm's :class:`~psalm.evaluation.referring.ReferringEvaluator`): each
 sentence is a question ``"What is {sent} in this image? Please output segmentation mask."``;
 protocol ``teacher_forced`` (official ``validate``: the answer ``[SEG0]..[SEG5].`` is given) or
-``generate`` (what users get).
+``generate`` (what users get). ``MODEL.PIXELLM.EVAL.MULTI_REFER`` evaluates a referring data set
+as MRefCOCO (the official multi-referring protocol: the sentences of an image asked together in
+groups of 6 / 5 / 4, teacher-forced), still scored per sentence by psalm's evaluator.
 """
 from __future__ import annotations
 
@@ -126,6 +128,50 @@ def referring_inputs(record: dict, mapper, protocol: str) -> list[dict]:
     return out
 
 
+MULTI_REFER_GROUPS = (6, 5, 4)
+
+
+def multi_referring_conversations(sentences, group: str, eos_token: str = "</s>"):
+    """MRefCOCO (official multi-referring evaluation): the sentences of one image grouped cyclically
+    in groups of 6, 5, 4 into ``"What is a, b, ... and f in this image? Please output segmentation
+    mask."``; teacher-forced answer ``"G, G, ... and G."`` (one codebook group G per sentence; a
+    single-sentence group is answered ``"G"``, as the official code). Returns (question, answer,
+    sentence indices) triples."""
+    from .data.prompt import MULTI_REFER_QUESTION
+
+    out, i, g = [], 0, 0
+    while i < len(sentences):
+        n = MULTI_REFER_GROUPS[g % len(MULTI_REFER_GROUPS)]
+        idx = list(range(i, min(i + n, len(sentences))))
+        texts = [sentences[k].strip() for k in idx]
+        text = ", ".join(texts[:-1]) + f" and {texts[-1]}" if len(texts) > 1 else texts[0]
+        ans = ", ".join([group] * (len(idx) - 1)) + f" and {group}." if len(idx) > 1 else group
+        out.append((MULTI_REFER_QUESTION.format(sent=text), ans, idx))
+        i += n
+        g += 1
+    return out
+
+
+def multi_referring_inputs(records: list[dict], mapper) -> tuple[dict, list[dict]]:
+    """One teacher-forced model input for all sentence records of ONE image; returns (input, the
+    records in target order)."""
+    from psalm.utils.image_io import read_image_rgb
+
+    from .data.prompt import build_conversation, tokenize_conversation
+    from .modeling.vision import preprocess_clip_image
+
+    image = read_image_rgb(records[0]["file_name"])
+    clip, size = preprocess_clip_image(image, mapper.image_size, **mapper.norm)
+    sents = [r["sentences"][0]["raw"] if isinstance(r["sentences"][0], dict) else str(r["sentences"][0]) for r in records]
+    ids, order = [], []
+    for q, a, idx in multi_referring_conversations(sents, mapper.group, mapper.eos):
+        ids.append(tokenize_conversation(mapper.tokenizer, build_conversation(q, a, eos_token=mapper.eos))[0])
+        order += idx
+    x = {"clip_image": clip, "clip_size": size, "height": image.shape[0], "width": image.shape[1],
+         "input_ids": ids, "answers_given": True}
+    return x, [records[k] for k in order]
+
+
 @torch.no_grad()
 def run_model(model, inputs: list[dict], protocol: str, max_new_tokens: int | None = None) -> list[dict]:
     """Per input: ``answers`` (one per question) with ``mask_logits`` [K, H, W] (and text ids)."""
@@ -179,6 +225,21 @@ def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
             for i in tqdm(range(0, len(inputs), bs), desc=f"PixelLM {name}", disable=len(inputs) < 10):
                 batch = inputs[i : i + bs]
                 ev.process(batch, run_model(model, batch, p.EVAL.MUSE_PROTOCOL))
+        elif p.EVAL.MULTI_REFER:
+            ev = ReferringEvaluator(name, distributed=False)
+            ev.reset()
+            by_image: dict = {}
+            for r in records:
+                by_image.setdefault(r["file_name"], []).append(r)
+            for recs in tqdm(by_image.values(), desc=f"PixelLM multi-referring {name}", disable=len(by_image) < 10):
+                x, ordered = multi_referring_inputs(recs, mapper)
+                masks = model.forward_teacher_forced([x], strict=False)["pred_masks"][0] > 0
+                if masks.shape[0] != len(ordered):  # malformed groups: every target gets an empty mask
+                    masks = masks.new_zeros(len(ordered), x["height"], x["width"])
+                for r, m in zip(ordered, masks):
+                    inst = Instances((x["height"], x["width"]))
+                    inst.pred_masks = m[None]
+                    ev.process([r], [{"instances": inst}])
         else:
             ev = ReferringEvaluator(name, distributed=False)
             ev.reset()

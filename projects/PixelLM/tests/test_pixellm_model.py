@@ -355,14 +355,41 @@ def test_predictor_batched_and_drawn(model, tok_dir):
 
 
 # ------------------------------------------------------------------ referring through psalm's evaluator
-@pytest.mark.parametrize("protocol", ["teacher_forced", "generate"])
+@pytest.mark.parametrize("protocol", ["teacher_forced", "generate", "multi"])
 def test_referring_evaluation_through_psalm(model, tok_dir, tmp_path_factory, protocol):
     from pixellm.evaluation import evaluate_pixellm
 
     root = tmp_path_factory.mktemp("syn")
     cfg = _cfg(tok_dir, "DATASETS.SYNTHETIC.ROOT", str(root), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
                "DATASETS.SYNTHETIC.NUM_VAL", "2", "DATASETS.SYNTHETIC.NUM_TEST", "1",
-               "DATASETS.TEST", '("psalm_synthetic_val_referring",)', "MODEL.PIXELLM.EVAL.REFER_PROTOCOL", protocol,
+               "DATASETS.TEST", '("psalm_synthetic_val_referring",)', "MODEL.PIXELLM.EVAL.REFER_PROTOCOL", "teacher_forced" if protocol == "multi" else protocol,
+               "MODEL.PIXELLM.EVAL.MULTI_REFER", str(protocol == "multi"),
                "MODEL.PIXELLM.MAX_NEW_TOKENS", "3")
     res = evaluate_pixellm(cfg, model, limit=2)["psalm_synthetic_val_referring"]["referring"]
     assert {"cIoU", "gIoU", "num_samples"} <= set(res) and res["num_samples"] == 2
+
+
+def test_multi_referring_conversations_official_grouping():
+    from pixellm.evaluation import multi_referring_conversations
+
+    sents = [f"s{i}" for i in range(17)]
+    convs = multi_referring_conversations(sents, "G")
+    assert [len(idx) for _, _, idx in convs] == [6, 5, 4, 2]
+    q, a, idx = convs[3]
+    assert "What is s15 and s16 in this image? Please output segmentation mask." in q and a == "G and G."
+    assert multi_referring_conversations(["x"], "G")[0][1] == "G"
+    assert multi_referring_conversations(sents[:3], "G")[0][1] == "G, G and G."
+
+
+def test_multi_target_conversion_from_referring():
+    from pixellm.data.muse import multi_target_from_referring
+
+    refs = [{"file_name": "a.png", "height": 4, "width": 4, "image_id": 1, "sentences": [f"obj {i}"],
+             "annotations": [{"segmentation": {"size": [4, 4], "counts": "04"}, "id": i}]} for i in range(7)]
+    out = multi_target_from_referring(refs, np.random.default_rng(0))
+    assert len(out) == 1 and 1 <= len(out[0]["questions"]) <= 3
+    assert all(1 <= len(t) <= 3 for t in out[0]["targets"])
+    names = [t["name"] for ts in out[0]["targets"] for t in ts]
+    assert len(set(names)) == len(names)  # a target is asked once
+    for q, ts in zip(out[0]["questions"], out[0]["targets"]):
+        assert all(t["name"] in q for t in ts)

@@ -91,6 +91,10 @@ def add_pixel_sail_config(cfg):
     # data (pixel_sail.data): referring expressions per image merged into one dialogue (RefCOCO: 5)
     ps.DATA = CN()
     ps.DATA.MAX_TURNS = 5
+    # visual-prompt data: share of training samples with one extra "<Prompt_j> is not in the image." turn
+    ps.DATA.VP_NEGATIVE_RATIO = 0.05
+    # COCO panoptic instance / semantic modes: classes per image
+    ps.DATA.MAX_CLASSES = 5
     return cfg
 
 

@@ -15,7 +15,17 @@ Tasks and their dialogues (question templates ``TEMPLATES``):
   "What is the category of the region marked by <Prompt_k>?" -> "{class name}.". At most
   ``NUM_VISUAL_PROMPTS`` regions (the rest are dropped from prompts AND ground truth; the kept ones are
   listed in ``region_ann_indices``).
+  In training, with probability ``DATA.VP_NEGATIVE_RATIO`` (0.05) one more turn asks about an unused prompt
+  number and is answered "<Prompt_j> is not in the image." (official VP datasets).
+* ``instance`` / ``semantic`` (COCO panoptic modes, training): up to ``DATA.MAX_CLASSES`` (5) classes of
+  the image, one turn each: "Please segment the {cls} in this image. Segmentation in the instance mode." ->
+  "{cls}-1 [SEG] {cls}-2 [SEG]." (one mask per instance, in order), and "... semantic mode." -> "{cls} [SEG]."
+  (the class's pixels of the semantic label map). The spec elides part of the official question text.
 * ``caption`` / ``instruction``: the LLaVA ``conversations`` as turns (LM loss only).
+
+Training dialogues of ``referring`` / ``gres`` take up to ``DATA.MAX_TURNS`` (5) expressions of the same
+image (other objects' samples of the data set, as the official RefCOCO datasets), one ``[SEG]`` per turn and
+the GT masks in answer order.
 
 Output: the model-input dict described in ``pixel_sail.modeling`` plus ``file_name``, ``image_id``,
 ``sample_id`` (passed through for the evaluators) and ``image_uint8`` [3, H, W] (teachers).
@@ -45,6 +55,10 @@ TEMPLATES = {
     "no_target": "No target [SEG].",
     "vp_category": "What is the category of the region marked by {prompt}?",
     "vp_answer": "{name}.",
+    "vp_negative": "{prompt} is not in the image.",
+    # COCO panoptic modes (spec B1.3; the spec elides part of the official question, "..." below)
+    "instance": "Please segment the {cls} in this image. Segmentation in the instance mode.",
+    "semantic": "Please segment the {cls} in this image. Segmentation in the semantic mode.",
 }
 PROMPT_ORDER = ("mask", "box", "scribble", "point")
 
@@ -95,10 +109,26 @@ class PixelSAILDatasetMapper:
         meta = MetadataCatalog.get(dataset_name) if dataset_name else None
         self.class_names = list(getattr(meta, "thing_classes", []) or []) if meta is not None else []
         self.prompt_types = list(cfg.INPUT.INTERACTIVE_PROMPT_TYPES)
+        self.vp_negative_ratio = ps.DATA.VP_NEGATIVE_RATIO
+        self.max_classes = ps.DATA.MAX_CLASSES
+        self.stuff_classes = list(getattr(meta, "stuff_classes", []) or []) if meta is not None else []
+        self.ignore_label = getattr(meta, "ignore_label", 255) if meta is not None else 255
+        # referring / gres training: the other samples of each image, for multi-expression dialogues
+        self.by_image = None
+        if self.is_train and task in ("referring", "gres") and dataset_name and self.max_turns > 1:
+            from collections import defaultdict
+
+            from detectron2.data import DatasetCatalog
+
+            self.by_image = defaultdict(list)
+            for r in DatasetCatalog.get(dataset_name):
+                self.by_image[r["image_id"]].append(r)
 
     # ------------------------------------------------------------------ helpers
     def _image(self, d: dict):
         img = d2_utils.read_image(d["file_name"], format="RGB")
+        d.setdefault("height", img.shape[0])  # detectron2's load_sem_seg dicts have no size
+        d.setdefault("width", img.shape[1])
         if (img.shape[0], img.shape[1]) != (d["height"], d["width"]):
             raise ValueError(f"{d['file_name']}: image is {img.shape[:2]}, dataset dict says {(d['height'], d['width'])}")
         px = preprocess_image(img, self.patch_size, self.max_side, self.mean, self.std)
@@ -116,17 +146,30 @@ class PixelSAILDatasetMapper:
         return self.class_names[ann["category_id"]]
 
     # ------------------------------------------------------------------ tasks
+    def _referring_turn(self, d, task, rng):
+        """(question, answer, GT union mask [H, W]) of one expression of ``d``."""
+        sentences = list(d["sentences"])
+        sent = sentences[int(rng.integers(len(sentences)))] if len(sentences) > 1 else sentences[0]
+        no_target = bool(d.get("no_target", False)) or not d.get("annotations")
+        answer = TEMPLATES["no_target"] if (task == "gres" and no_target) else TEMPLATES["answer"]
+        gt = union_mask(d.get("annotations", []), d["height"], d["width"], rasterizer=self.rasterizer)
+        return referring_question(sent), answer, gt
+
     def _referring(self, d, out, hw, rng):
         sentences = list(d["sentences"])
-        if self.is_train and len(sentences) > self.max_turns:
-            sentences = list(rng.choice(sentences, self.max_turns, replace=False))
-        no_target = bool(d.get("no_target", False)) or not d.get("annotations")
-        answer = TEMPLATES["no_target"] if (d["task"] == "gres" and no_target) else TEMPLATES["answer"]
-        H, W = d["height"], d["width"]
         if self.is_train:
-            gt = union_mask(d.get("annotations", []), H, W, rasterizer=self.rasterizer)
-            out["turns"] = [(referring_question(s), answer) for s in sentences]
-            out["gt_masks"] = self._resize_masks(np.repeat(gt[None], len(sentences), 0), hw)
+            samples = [d]
+            if self.by_image is not None:
+                others = [r for r in self.by_image.get(d["image_id"], []) if r.get("sample_id") != d.get("sample_id")]
+                k = min(len(others), self.max_turns - 1)
+                samples += [others[i] for i in rng.choice(len(others), k, replace=False)] if k else []
+            turns, masks = [], []
+            for r in samples:
+                q, a, m = self._referring_turn(r, d["task"], rng)
+                turns.append((q, a))
+                masks.append(m)
+            out["turns"] = turns
+            out["gt_masks"] = self._resize_masks(np.stack(masks), hw)
         else:
             # one sentence per evaluated sample (official RES protocol); merged for *_per_ref dicts
             out["question"] = referring_question(" ".join(sentences) if len(sentences) > 1 else sentences[0])
@@ -159,9 +202,48 @@ class PixelSAILDatasetMapper:
         if self.is_train:
             perm = rng.permutation(len(qa))
             out["turns"] = [qa[i] for i in perm]
+            unused = [k for k in range(self.num_vp) if k not in numbers]
+            if unused and rng.random() < self.vp_negative_ratio:
+                j = unused[int(rng.integers(len(unused)))]
+                out["turns"].append((vp_question(j), TEMPLATES["vp_negative"].format(prompt=prompt_token(j))))
             out["gt_masks"] = None
         else:
             out["questions"] = [q for q, _ in qa]
+
+    def _panoptic_mode(self, d, out, hw, rng, mode):
+        if not self.is_train:
+            raise ValueError(f"the {mode}-mode data is for training; evaluate panoptic data with psalm's tools")
+        H, W = d["height"], d["width"]
+        groups = {}
+        if mode == "instance":
+            names = self.class_names
+            for ann in d.get("annotations", []):
+                if not ann.get("iscrowd", 0):
+                    groups.setdefault(ann["category_id"], []).append(
+                        annotation_to_mask(ann["segmentation"], H, W, rasterizer=self.rasterizer))
+        else:
+            names = self.stuff_classes
+            label = d2_utils.read_image(d["sem_seg_file_name"]).astype(np.int64)
+            label = label[..., 0] if label.ndim == 3 else label
+            for c in np.unique(label):
+                if c != self.ignore_label:
+                    groups[int(c)] = [label == c]
+        if not names:
+            raise ValueError(f"{mode}-mode data needs metadata {'thing_classes' if mode == 'instance' else 'stuff_classes'}")
+        classes = sorted(groups)
+        if len(classes) > self.max_classes:
+            classes = sorted(rng.choice(classes, self.max_classes, replace=False).tolist())
+        turns, masks = [], []
+        for c in classes:
+            name = names[c]
+            if mode == "instance":
+                answer = " ".join(f"{name}-{i + 1} [SEG]" for i in range(len(groups[c]))) + "."
+            else:
+                answer = f"{name} [SEG]."
+            turns.append((TEMPLATES[mode].format(cls=name), answer))
+            masks += groups[c]
+        out["turns"] = turns
+        out["gt_masks"] = self._resize_masks(np.stack(masks) if masks else np.zeros((0, H, W)), hw)
 
     def _conversation(self, d, out):
         conv = d.get("conversations") or d.get("conversation")
@@ -181,7 +263,7 @@ class PixelSAILDatasetMapper:
         task = self.task or d.get("task")
         d["task"] = task
         rng = rng if rng is not None else np.random.default_rng()
-        img, px = self._image(d)
+        img, px = self._image(d)  # sets height / width when the dict lacks them
         p = self.patch_size
         grid = (px.shape[1] // p, px.shape[2] // p)
         out = {k: v for k, v in d.items() if k not in ("annotations", "segments_info", "conversations")}
@@ -190,8 +272,11 @@ class PixelSAILDatasetMapper:
             self._referring(d, out, tuple(px.shape[1:]), rng)
         elif task == "interactive":
             self._interactive(d, out, grid, rng)
+        elif task in ("instance", "semantic"):
+            self._panoptic_mode(d, out, tuple(px.shape[1:]), rng, task)
         elif task in ("caption", "instruction"):
             self._conversation(d, out)
         else:
-            raise ValueError(f"Pixel-SAIL mapper: unsupported task {task!r} (referring, gres, interactive, caption, instruction)")
+            raise ValueError(f"Pixel-SAIL mapper: unsupported task {task!r} (referring, gres, interactive, instance, "
+                             "semantic, caption, instruction)")
         return out

@@ -36,12 +36,21 @@ def test_mapper_referring_gres(tiny_cfg, synthetic):
     d = DatasetCatalog.get("psalm_synthetic_train_gres")
     no_t = next(x for x in d if x["no_target"])
     out = _mapper(tiny_cfg, "psalm_synthetic_train_gres", "gres", True)(no_t, np.random.default_rng(0))
-    assert out["turns"][0][1] == "No target [SEG]." and out["gt_masks"].shape[0] == 1
-    assert out["gt_masks"].sum() == 0
-    ref = DatasetCatalog.get("psalm_synthetic_train_referring")[0]
+    assert out["turns"][0][1] == "No target [SEG]." and out["gt_masks"].shape[0] == len(out["turns"])
+    assert out["gt_masks"][0].sum() == 0
+    refs = DatasetCatalog.get("psalm_synthetic_train_referring")
+    ref = refs[0]
+    same_image = [r for r in refs if r["image_id"] == ref["image_id"]]
     out = _mapper(tiny_cfg, "psalm_synthetic_train_referring", "referring", True)(ref, np.random.default_rng(0))
-    assert out["turns"] == [(f"Please segment {ref['sentences'][0]} in this image.", "It is [SEG].")]
-    assert out["gt_masks"].shape[-2:] == out["pixel_values"].shape[-2:] and out["gt_masks"].sum() > 0
+    # the sample's expression first, then other expressions of the same image (one dialogue, one [SEG] each)
+    assert out["turns"][0] == (f"Please segment {ref['sentences'][0]} in this image.", "It is [SEG].")
+    assert len(out["turns"]) == min(len(same_image), 5) > 1
+    assert out["gt_masks"].shape == (len(out["turns"]), *out["pixel_values"].shape[-2:])
+    others = {f"Please segment {r['sentences'][0]} in this image." for r in same_image}
+    assert all(q in others for q, _ in out["turns"])
+    one = _mapper(tiny_cfg.clone(), "psalm_synthetic_train_referring", "referring", True)
+    one.by_image = None
+    assert len(one(ref, np.random.default_rng(0))["turns"]) == 1
     assert out["sample_id"] == ref["sample_id"]
     ev = _mapper(tiny_cfg, "psalm_synthetic_train_referring", "referring", False)(ref)
     assert "turns" not in ev and ev["question"].startswith("Please segment")
@@ -63,6 +72,34 @@ def test_mapper_visual_prompts_sorted_and_numbered(tiny_cfg, synthetic):
         DatasetCatalog.get("psalm_synthetic_train_interactive")[0], np.random.default_rng(1))
     names = MetadataCatalog.get("psalm_synthetic_train_interactive").thing_classes
     assert all(a[:-1] in names for _, a in tr["turns"]) and tr["gt_masks"] is None
+
+
+def test_mapper_vp_negative_and_panoptic_modes(tiny_cfg, synthetic):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    cfg = tiny_cfg.clone()
+    cfg.MODEL.PIXEL_SAIL.DATA.VP_NEGATIVE_RATIO = 1.0
+    name = "psalm_synthetic_train_interactive"
+    d = DatasetCatalog.get(name)[0]
+    out = _mapper(cfg, name, "interactive", True)(d, np.random.default_rng(0))
+    q, a = out["turns"][-1]
+    j = int(q.split("<Prompt")[1].split(">")[0])
+    assert a == f"<Prompt{j}> is not in the image." and j not in out["vp_ids"]
+    inst_name = "psalm_synthetic_train_instance"
+    d = DatasetCatalog.get(inst_name)[0]
+    out = _mapper(tiny_cfg, inst_name, "instance", True)(d, np.random.default_rng(0))
+    names = MetadataCatalog.get(inst_name).thing_classes
+    n_seg = sum(a.count("[SEG]") for _, a in out["turns"])
+    assert n_seg == len(out["gt_masks"]) == len(d["annotations"])
+    q, a = out["turns"][0]
+    assert q.endswith("Segmentation in the instance mode.") and a.startswith(f"{q.split('the ')[1].split(' in')[0]}-1 [SEG]")
+    assert all(q.split("the ")[1].split(" in this")[0] in names for q, _ in out["turns"])
+    sem_name = "psalm_synthetic_train_semantic"
+    d = DatasetCatalog.get(sem_name)[0]
+    out = _mapper(tiny_cfg, sem_name, "semantic", True)(d, np.random.default_rng(0))
+    assert all(a.endswith(" [SEG].") and q.endswith("semantic mode.") for q, a in out["turns"])
+    assert len(out["gt_masks"]) == len(out["turns"]) >= 2  # wall, floor and shapes
+    assert out["gt_masks"].sum(0).max() == 1  # semantic masks do not overlap
 
 
 def test_vp_category_evaluator(tiny_cfg, synthetic):

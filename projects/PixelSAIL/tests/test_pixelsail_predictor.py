@@ -64,3 +64,44 @@ def test_demo_draws(tiny_cfg, image, tmp_path, tiny_tokenizer_dir):
                    "--output", str(out), "--allow-random-weights", *extra, "MODEL.PIXEL_SAIL.TOKENIZER", tiny_tokenizer_dir])
         drawn = np.asarray(Image.open(out))
         assert drawn.shape[:2] == (40, 56)
+
+
+def test_run_perbench_on_official_format_files(tiny_cfg, tmp_path, monkeypatch):
+    """The PerBench runner on files written in the official JSON layouts (random model; METEOR mocked:
+    nltk is optional)."""
+    import json
+    import sys
+    import types
+
+    from PIL import Image
+
+    from pixel_sail.evaluation import run_perbench
+    from pixel_sail.predictor import PixelSAILPredictor
+    from psalm.data.visual_prompts import encode_rle
+
+    def rle(m):
+        r = encode_rle(m)
+        return {"size": r["size"], "counts": r["counts"].decode() if isinstance(r["counts"], bytes) else r["counts"]}
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "sa_1.jpg")
+    m = np.zeros((32, 48), bool)
+    m[4:12, 4:20] = True
+    (tmp_path / "cap.json").write_text(json.dumps([{"image_name": "sa_1.jpg", "object_annotations": [
+        {"segmentation": rle(m), "caption": "a patch"}]}]))
+    (tmp_path / "mcq.json").write_text(json.dumps([{"image_name": "sa_1.jpg", "mcqs": [
+        {"object": rle(m), "question": "Which? (A) x (B) y ", "answer": "A"}]}]))
+    (tmp_path / "vres.json").write_text(json.dumps([{"image_name": "sa_1.jpg", "question": "Please segment what is near <o1>.",
+                                                     "answer": "<o2>", "segmentations": {"<o1>": rle(m), "<o2>": rle(~m)}}]))
+    fake = types.ModuleType("nltk.translate.meteor_score")
+    fake.meteor_score = lambda refs, hyp: 0.25
+    for mod in ("nltk", "nltk.translate"):
+        monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
+    monkeypatch.setitem(sys.modules, "nltk.translate.meteor_score", fake)
+    torch.manual_seed(0)
+    pred = PixelSAILPredictor(tiny_cfg, allow_random_weights=True)
+    res = run_perbench(pred, str(tmp_path), str(tmp_path / "cap.json"), str(tmp_path / "mcq.json"), str(tmp_path / "vres.json"))
+    assert res["caption"] == {"METEOR": 25.0, "num_samples": 1}
+    assert res["mcq"]["num_questions"] == 1
+    assert res["vt_res"]["num_masks"] == 1 and 0.0 <= res["vt_res"]["cIoU"] <= 100.0
+    assert "overall" in res

@@ -274,3 +274,54 @@ def test_docs_describe_the_stage2_recipe_the_tests_run():
     for tool, f in (("convert_mask2former", files[0]), ("convert_phi", files[1])):
         assert f"--output {f}" in (REPO_ROOT / "MODEL_ZOO.md").read_text()
         assert f in (REPO_ROOT / "tools" / f"{tool}.py").read_text()
+
+
+def test_stage2_config_covers_the_full_size_model_exactly_once(tmp_path, monkeypatch):
+    """The full-size model (built on the meta device) against the stage-2 INIT section: the Mask2Former
+    file as the converter makes it from a Swin-B .pkl's key set, Phi's keys, a stage-1 checkpoint. Every
+    key is covered once; the config without its INIT section refuses the frozen random Swin."""
+    import psalm.checkpoint.init as init_module
+    from psalm.checkpoint.mask2former import convert_mask2former_state_dict
+    from psalm.checkpoint.vision_keys import _relative_position_index
+    from psalm.config import get_psalm_cfg
+    from psalm.modeling.meta_arch import build_psalm_model
+
+    from .test_mask2former_converter import _to_pkl_name
+
+    cfg = get_psalm_cfg(STAGE2)
+    model = build_psalm_model(cfg, device="meta")
+    sd = model.state_dict()
+    pkl = {n: v for k, v in sd.items() if (n := _to_pkl_name(k)) is not None}
+    for i, stage in enumerate(model.backbone.model.swin.encoder.layers):
+        for j, _ in enumerate(stage.blocks):
+            base = f"backbone.model.swin.encoder.layers.{i}.blocks.{j}.attention."
+            for p in ("weight", "bias"):
+                pkl[f"backbone.layers.{i}.blocks.{j}.attn.qkv.{p}"] = torch.cat(
+                    [sd[f"{base}{n}.{p}"] for n in ("q_proj", "k_proj", "v_proj")])
+            pkl[f"backbone.layers.{i}.blocks.{j}.attn.relative_position_index"] = _relative_position_index(12)
+    pkl["sem_seg_head.predictor.class_embed.weight"] = torch.empty(134, 256, device="meta")
+    conv = convert_mask2former_state_dict(pkl)
+    contents = {
+        "m2f_swin_b.pth": (conv.state_dict, conv.allowed_missing),
+        "phi15_psalm.pth": ({k: v for k, v in sd.items() if k.startswith("llm.")}, []),
+        "model_final.pth": (dict(sd), []),  # a stage-1 checkpoint holds the whole model
+    }
+    entries = []
+    for e in cfg.MODEL.PSALM.INIT.WEIGHTS:
+        placeholder = tmp_path / e[0].rsplit("/", 1)[-1]
+        placeholder.write_bytes(b"")
+        entries.append([str(placeholder), *e[1:]])
+    monkeypatch.setattr(init_module, "read_weights_file", lambda path: contents[path.rsplit("/", 1)[-1]])
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("backbone.") for n in frozen)
+    plan = plan_initialization(shapes, parse_init_entries(entries), random_patterns=list(cfg.MODEL.PSALM.INIT.RANDOM),
+                               frozen=frozen)
+    assert set(plan.source) == set(sd)
+    new = {k for k in sd if k.split(".")[0] in ("mask_tokens", "mask_token_projector", "class_projector",
+                                                 "refer_projector", "region_projector")}
+    assert set(plan.random_keys) == new | set(conv.allowed_missing)
+    assert all(k.startswith(("predictor.class_head", "predictor.refer_head", "predictor.region_head",
+                             "pixel_decoder.")) for k in conv.allowed_missing)
+    with pytest.raises(InitWeightsError, match=r"FROZEN parameter\(s\)[^\n]*\n\s+backbone: \d+ key"):
+        plan_initialization(shapes, [], frozen=frozen)  # the config as it was: no initial weights at all

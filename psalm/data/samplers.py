@@ -37,7 +37,7 @@ from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
-from psalm.modeling.tasks import check_task
+from psalm.structures.tasks import check_task
 
 __all__ = ["MultiTaskBatchSampler", "MultiTaskDataset", "PSALMTrainLoader", "build_psalm_train_loader"]
 

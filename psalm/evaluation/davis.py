@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from psalm.data.visual_prompts import disk_kernel
+from psalm.structures.masks import disk_kernel
 
 from .base import SampleGTEvaluator
 from .masks import pred_masks_to_numpy

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from psalm.data.visual_prompts import decode_rle, valid_polygons
+from psalm.structures.masks import decode_rle, valid_polygons
 
 RASTERIZERS = ("coco", "official")
 

@@ -25,7 +25,7 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from psalm.data.visual_prompts import decode_rle
+from psalm.structures.masks import decode_rle
 from psalm.evaluation.davis import paint_objects
 
 from .video import VideoObjectSegmenter

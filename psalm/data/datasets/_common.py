@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from psalm.data.visual_prompts import valid_polygons
+from psalm.structures.masks import valid_polygons
 
 logger = logging.getLogger(__name__)
 

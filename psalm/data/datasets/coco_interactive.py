@@ -21,6 +21,7 @@ import logging
 import os
 
 from psalm.data.class_names import load_categories
+from psalm.structures.tasks import PROMPT_TYPES
 
 from ._common import (
     coco_annotation_to_d2,
@@ -35,7 +36,6 @@ from ._common import (
 
 logger = logging.getLogger(__name__)
 
-PROMPT_TYPES = ("point", "scribble", "box", "mask")
 PREPARE = "python datasets/prepare_coco_interactive.py"
 
 

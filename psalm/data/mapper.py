@@ -41,7 +41,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances, polygons_to_bitmask
 
-from psalm.modeling.tasks import CATEGORY_TASKS, LM_TASKS, SENTENCE_TASKS, check_task
+from psalm.structures.tasks import CATEGORY_TASKS, LM_TASKS, SENTENCE_TASKS, check_task
 
 from .visual_prompts import PROMPT_TYPES, decode_rle, rasterize_prompt, rle_area, valid_polygons
 

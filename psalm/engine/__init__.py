@@ -1,6 +1,8 @@
 """Training engine: ``PSALMTrainer`` (detectron2 ``DefaultTrainer`` conventions), atomic and
-sharding-aware checkpoints with exact resume, DDP / FSDP / ZeRO wrapping and CPU (gloo) launching."""
+sharding-aware checkpoints with exact resume, DDP / FSDP / ZeRO wrapping and CPU (gloo) launching, and the
+one evaluation path of every tool (:mod:`.evaluation`)."""
 from .checkpoint import OptimizerState, PerRankState, PSALMCheckpointer, atomic_save, atomic_write_text
+from .evaluation import build_test_loader, evaluate_dataset, evaluate_datasets, load_weights_for_evaluation
 from .distributed import SHARDING_MODES, full_params_for_inference, launch, unwrap_model, wrap_model
 from .optim import apply_trainable_patterns, build_optimizer, clip_gradients
 from .rng import RNGStreams, capture_rng_state, preserve_rng_state, restore_rng_state
@@ -28,4 +30,8 @@ __all__ = [
     "preserve_rng_state",
     "resolve_amp",
     "resolve_device",
+    "build_test_loader",
+    "evaluate_dataset",
+    "evaluate_datasets",
+    "load_weights_for_evaluation",
 ]

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """PSALM demo: segment images (or a video) for any task and write overlays with labels and scores.
 
-    python demo/demo.py --config-file configs/tiny/Base-PSALM-tiny.yaml --input demo/sample.jpg \\
-        --output out/ --task panoptic --classes cup saucer spoon "wooden table" --opts MODEL.WEIGHTS ""
+    python demo/demo.py --model output/tiny_synthetic --input img.png --output out/ \\
+        --task panoptic --classes circle square triangle star wall floor --stuff wall floor
+    python demo/demo.py --config-file configs/coco/psalm_swin_base_phi15.yaml --input photo.jpg \\
+        --output out/ --opts MODEL.WEIGHTS checkpoints/psalm/model_final.pth MODEL.PSALM.TOKENIZER checkpoints/psalm
     python demo/demo.py ... --task referring --prompt "the white cup"
     python demo/demo.py ... --task interactive --points 240,150 100,60 --box 150,40,330,260
     python demo/demo.py ... --task instruction --prompt "What is in the image?"
     python demo/demo.py ... --video-input frames/ --first-frame-mask frames_0000.png --output vos_out/
 
-See demo/README.md. With the tiny config and random weights the masks are meaningless: the demo
-then only shows that the pipeline runs end to end.
+``--model DIR`` takes a model directory (model_final.pth + config.yaml + tokenizer: the main job's
+``output/tiny_synthetic``, or a converted release; :mod:`psalm.model_dir`). Without weights the demo
+stops and says how to get a model; ``--random-weights`` runs a randomly initialised model on purpose
+(meaningless masks: it only shows that the pipeline runs end to end). See demo/README.md.
 """
 from __future__ import annotations
 
@@ -30,17 +34,30 @@ from detectron2.utils.logger import setup_logger
 from psalm.config import get_psalm_cfg
 from psalm.data.class_names import BENCHMARKS, load_categories
 from psalm.modeling.tasks import CATEGORY_TASKS, SENTENCE_TASKS
+from psalm.model_dir import MAIN_JOB_DIR, model_dir_cfg, no_model_message, resolve_weights
 from psalm.predictor import PSALMPredictor, ensure_tokenizer
 from psalm.utils import draw_prediction, load_image, parse_visual_prompts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASKS = ("panoptic", "instance", "semantic", "referring", "gres", "interactive", "instruction")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "coco", "psalm_swin_base_phi15.yaml")
 logger = logging.getLogger("psalm.demo")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options shared by demo.py and app.py (read by :func:`setup_cfg`)."""
+    p.add_argument("--model", metavar="DIR",
+                   help=f"a model directory (model_final.pth + config.yaml + tokenizer), e.g. {MAIN_JOB_DIR}")
+    p.add_argument("--config-file", default="", metavar="FILE",
+                   help="a config, with the weights in --opts MODEL.WEIGHTS (file or model directory); not with --model")
+    p.add_argument("--random-weights", action="store_true",
+                   help="run a randomly initialised model on purpose (meaningless masks: a pipeline check)")
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PSALM demo (detectron2 style)")
-    p.add_argument("--config-file", default="configs/coco/psalm_swin_base_phi15.yaml", metavar="FILE")
+    add_model_arguments(p)
     p.add_argument("--input", nargs="+", help="image files or glob patterns, e.g. 'dir/*.jpg'")
     p.add_argument("--video-input", help="video object segmentation: a folder of frames or a video file")
     p.add_argument("--first-frame-mask", help="VOS: label PNG of frame 0 (0 = background, k = object k)")
@@ -48,6 +65,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="panoptic", choices=TASKS)
     p.add_argument("--prompt", help="referring / gres: the expression; instruction: the question")
     p.add_argument("--classes", nargs="+", help="category tasks: class names (also 'a,b,c'); default --vocabulary")
+    p.add_argument("--stuff", nargs="+", default=[], help="panoptic: which of --classes are stuff (the rest are things)")
     p.add_argument("--vocabulary", default="coco_panoptic", choices=BENCHMARKS,
                    help="class list used when --classes is not given (default: the 133 COCO panoptic names)")
     p.add_argument("--points", nargs="+", metavar="X,Y", help="interactive: one region per point")
@@ -65,12 +83,37 @@ def _numbers(text: str, n: int, what: str) -> list:
     except ValueError:
         vals = []
     if len(vals) != n:
-        raise SystemExit(f"error: {what} must be {n} comma-separated numbers, got {text!r}")
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}")
     return vals
 
 
+def split_names(values) -> list:
+    """Class names from arguments / a text box: 'a,b' and ['a', 'b c'] both work; blanks are dropped."""
+    if isinstance(values, str):
+        values = [values]
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
 def setup_cfg(args):
-    cfg = get_psalm_cfg(args.config_file, args.opts)
+    """The config of the demo's model: ``--model DIR`` (a model directory), or ``--config-file`` with
+    ``--opts MODEL.WEIGHTS``. No weights is an error saying how to get a model, unless ``--random-weights``."""
+    if args.model:
+        if args.config_file:
+            raise ValueError("give either --model DIR (its config.yaml is used) or --config-file, not both")
+        if args.random_weights:
+            raise ValueError("--random-weights with --model: a model directory has trained weights; drop one")
+        cfg = model_dir_cfg(args.model, args.opts)
+    else:
+        cfg = get_psalm_cfg(args.config_file or DEFAULT_CONFIG, args.opts)
+        if cfg.MODEL.WEIGHTS:
+            resolve_weights(cfg.MODEL.WEIGHTS)  # a clear error for a missing file / empty model directory
+        elif not args.random_weights:
+            found = os.path.isfile(os.path.join(MAIN_JOB_DIR, "model_final.pth"))
+            raise ValueError(
+                f"the main job's trained model is in {MAIN_JOB_DIR}: pass --model {MAIN_JOB_DIR}" if found
+                else no_model_message()
+            )
+    cfg = cfg.clone()
     cfg.defrost()
     if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
@@ -84,8 +127,12 @@ def build_prompt(args) -> dict:
     """The predictor keywords of the task from the command line."""
     if args.task in CATEGORY_TASKS:
         if args.classes:
-            names = [n.strip() for c in args.classes for n in c.split(",") if n.strip()]
-            return {"classes": names}
+            names = split_names(args.classes)
+            stuff = split_names(args.stuff)
+            unknown = sorted(set(stuff) - set(names))
+            if unknown:
+                raise ValueError(f"--stuff {unknown} are not among --classes {names}")
+            return {"classes": names, "is_thing": [n not in stuff for n in names]}
         cats = load_categories(args.vocabulary)
         return {"classes": [c["name"] for c in cats], "is_thing": [bool(c["isthing"]) for c in cats]}
     if args.task in SENTENCE_TASKS:
@@ -149,11 +196,33 @@ def run_images(args, predictor: PSALMPredictor) -> None:
         if args.output:
             target = output_path(args, path, len(paths))
             Image.fromarray(overlay).save(target)
+            write_result_files(os.path.splitext(target)[0], prediction, args.task, prompt, regions)
             if "text" in prediction:
                 with open(output_path(args, path, len(paths), text=True), "w", encoding="utf-8") as f:
                     f.write(str(prediction["text"]) + "\n")
         elif "text" in prediction:
             print(prediction["text"])
+
+
+def write_result_files(stem: str, prediction: dict, task: str, prompt: dict, regions=None) -> list:
+    """``<stem>.json`` (:func:`psalm.utils.export.prediction_record`) and, for tasks with masks,
+    ``<stem>_masks.png`` (the label map: value k = segment k of the JSON). Returns the paths written."""
+    import json
+
+    from psalm.utils.export import prediction_label_map, prediction_record, save_label_map
+
+    record = prediction_record(prediction, task, class_names=prompt.get("classes"), sentence=prompt.get("text"),
+                               regions=regions)
+    paths = []
+    label_map = prediction_label_map(prediction, task)
+    if label_map is not None:
+        save_label_map(label_map, stem + "_masks.png")
+        record["masks_png"] = os.path.basename(stem + "_masks.png")
+        paths.append(stem + "_masks.png")
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    paths.insert(0, stem + ".json")
+    return paths
 
 
 def _summary(task: str, prediction: dict) -> str:

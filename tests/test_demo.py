@@ -1,6 +1,7 @@
 """demo/demo.py as a user runs it: one subprocess on demo/sample.jpg with the tiny config and random
-weights (CPU) that must write a valid overlay PNG of the input's size; the other command lines
-(interactive prompts, errors, video) run in-process with one shared predictor to stay fast."""
+weights (--random-weights, CPU) that must write a valid overlay PNG of the input's size; the other command
+lines (interactive prompts, errors, video, --model DIR, no weights) run in-process with one shared
+predictor to stay fast."""
 import importlib.util
 import os
 import subprocess
@@ -14,7 +15,7 @@ from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml")
 SAMPLE = REPO_ROOT / "demo" / "sample.jpg"
-OPTS = ["--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
+OPTS = ["--random-weights", "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +115,44 @@ def test_demo_video_from_first_frame_mask(demo, demo_predictor, tmp_path):
         ids = np.asarray(Image.open(out / "masks" / f"{t:05d}.png"))
         assert ids.shape == (240, 320) and set(np.unique(ids).tolist()) <= {0, 1, 3}
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "00000.png")), label)
+
+
+def test_demo_without_weights_says_how_to_get_a_model(demo, tmp_path, monkeypatch, caplog):
+    """No --model, no MODEL.WEIGHTS, no --random-weights: exit code 2 and the way to get a model, no masks."""
+    monkeypatch.chdir(tmp_path)  # no output/tiny_synthetic here
+    out = tmp_path / "o.png"
+    rc = demo.main(["--config-file", TINY, "--input", str(SAMPLE), "--output", str(out), "--task", "referring",
+                    "--prompt", "the cup", "--opts", "MODEL.DEVICE", "cpu"])
+    assert rc == 2 and not out.exists()
+    text = caplog.text
+    assert "No model weights given" in text and "tools/train_net.py --config-file configs/tiny/psalm_synthetic.yaml" in text
+    assert "tools/convert_official.py" in text
+    # a trained main-job model present: the message says which --model to pass
+    (tmp_path / "output" / "tiny_synthetic").mkdir(parents=True)
+    (tmp_path / "output" / "tiny_synthetic" / "model_final.pth").write_bytes(b"")
+    caplog.clear()
+    assert demo.main(["--config-file", TINY, "--input", str(SAMPLE), "--task", "referring", "--prompt", "x"]) == 2
+    assert "pass --model output/tiny_synthetic" in caplog.text
+
+
+def test_demo_model_dir_writes_overlay_json_and_masks(demo, tmp_path, psalm_cache):
+    import json
+
+    from .tiny_model_dir import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", psalm_cache)
+    out = tmp_path / "out"
+    rc = demo.main(["--model", str(model), "--input", str(SAMPLE), "--output", str(out), "--task", "panoptic",
+                    "--classes", "cup, saucer", "table", "--stuff", "table"])
+    assert rc == 0
+    with Image.open(out / "sample.png") as im:
+        assert im.size == (480, 320)
+    record = json.loads((out / "sample.json").read_text())
+    assert record["task"] == "panoptic" and record["masks_png"] == "sample_masks.png"
+    ids = np.asarray(Image.open(out / "sample_masks.png"))
+    assert ids.shape == (320, 480)
+    assert set(np.unique(ids).tolist()) <= {0} | {s["id"] for s in record["segments"]}
+    for seg in record["segments"]:
+        assert seg["label"] in ("cup", "saucer", "table") and seg["isthing"] == (seg["label"] != "table")
+        assert seg["area"] == int((ids == seg["id"]).sum())
+    assert demo.main(["--model", str(model), "--config-file", TINY, "--input", str(SAMPLE)]) == 2

@@ -124,9 +124,11 @@ def ensure_tokenizer(cfg, cache_dir: Optional[str] = None):
 
     For a test-size LLM (``MODEL.PSALM.LLM.VOCAB_SIZE`` below the GPT-2 vocabulary) with no
     tokenizer configured, the tiny byte-level tokenizer of :mod:`psalm.modeling.tokenizer` is built
-    once into ``cache_dir`` (default ``$PSALM_CACHE`` or ``~/.cache/psalm``) with exactly
-    ``VOCAB_SIZE`` entries, and a warning is logged. A full-size config without a tokenizer is an
-    error (nothing is downloaded). ``cfg`` is cloned, never modified in place.
+    once into ``cache_dir`` (or ``$PSALM_CACHE``) with exactly ``VOCAB_SIZE`` entries, and a warning
+    is logged. The test tokenizer is written only where the caller asks for it: with neither
+    ``cache_dir`` nor ``$PSALM_CACHE`` it is an error (nothing is written to the home directory). A
+    full-size config without a tokenizer is an error (nothing is downloaded). ``cfg`` is cloned,
+    never modified in place.
     """
     if cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH:
         return cfg
@@ -138,7 +140,13 @@ def ensure_tokenizer(cfg, cache_dir: Optional[str] = None):
         )
     from psalm.modeling.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
 
-    base = pathlib.Path(cache_dir or os.environ.get("PSALM_CACHE") or pathlib.Path.home() / ".cache" / "psalm")
+    if not (cache_dir or os.environ.get("PSALM_CACHE")):
+        raise ValueError(
+            "MODEL.PSALM.TOKENIZER is empty: set it to a tokenizer directory, or ask for the tiny test tokenizer "
+            "of this test-size model by naming where to write it: PSALM_CACHE=DIR in the environment (demo, "
+            "benchmark) or ensure_tokenizer(cfg, cache_dir=DIR)"
+        )
+    base = pathlib.Path(cache_dir or os.environ["PSALM_CACHE"])
     num_merges = vocab - 259  # 256 bytes + merges + <|endoftext|>, [PAD], [SEG]
     if num_merges < 0:
         raise ValueError(f"MODEL.PSALM.LLM.VOCAB_SIZE={vocab} is too small for a byte-level tokenizer (>= 259)")

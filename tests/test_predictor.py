@@ -396,3 +396,20 @@ def test_incomplete_checkpoint_is_an_error(predictor, psalm_cache, tmp_path):
 
     with pytest.raises(ValueError, match="missing or mis-shaped"):
         PSALMPredictor(_tiny_cfg(psalm_cache, "MODEL.WEIGHTS", str(tmp_path / "partial.pth")))
+
+
+def test_test_tokenizer_only_where_asked(tmp_path, monkeypatch):
+    """The tiny test tokenizer is written only into a directory the caller names (cache_dir or
+    $PSALM_CACHE), never into the home directory as a side effect."""
+    from psalm.predictor import ensure_tokenizer
+
+    monkeypatch.delenv("PSALM_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = get_psalm_cfg(TINY, ["MODEL.DEVICE", "cpu"])
+    with pytest.raises(ValueError, match="PSALM_CACHE=DIR"):
+        ensure_tokenizer(cfg)
+    assert not (tmp_path / "home").exists()
+    monkeypatch.setenv("PSALM_CACHE", str(tmp_path / "asked"))
+    tok = ensure_tokenizer(cfg).MODEL.PSALM.TOKENIZER
+    assert tok.startswith(str(tmp_path / "asked")) and (tmp_path / "asked").is_dir()
+    assert not (tmp_path / "home").exists()

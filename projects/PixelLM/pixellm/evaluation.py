@@ -14,6 +14,8 @@ protocol ``teacher_forced`` (official ``validate``: the answer ``[SEG0]..[SEG5].
 ``generate`` (what users get). ``MODEL.PIXELLM.EVAL.MULTI_REFER`` evaluates a referring data set
 as MRefCOCO (the official multi-referring protocol: the sentences of an image asked together in
 groups of 6 / 5 / 4, teacher-forced), still scored per sentence by psalm's evaluator.
+gRefCOCO-style data sets (``evaluator_type: gres``) use psalm's ``GRESEvaluator`` with generated
+answers: an answer without codebook groups is the "no target" prediction.
 """
 from __future__ import annotations
 
@@ -198,7 +200,7 @@ def _row_images(inputs):
 def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
     """Evaluate on every ``DATASETS.TEST`` entry: MUSE-format data sets with :class:`MuseEvaluator`,
     psalm referring data sets with psalm's ``ReferringEvaluator``."""
-    from psalm.evaluation.referring import ReferringEvaluator
+    from psalm.evaluation.referring import GRESEvaluator, ReferringEvaluator
 
     from .engine import build_mapper, prepare_pixellm_data_for_cfg
     from .modeling.tokenizer import load_pixellm_tokenizer
@@ -241,16 +243,23 @@ def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
                     inst.pred_masks = m[None]
                     ev.process([r], [{"instances": inst}])
         else:
-            ev = ReferringEvaluator(name, distributed=False)
+            gres = MetadataCatalog.get(name).get("evaluator_type", None) == "gres"
+            protocol = p.EVAL.REFER_PROTOCOL
+            if gres and protocol == "teacher_forced":
+                # a given answer always has one group: "no target" could never be predicted
+                logger.info("%s is generalized referring: evaluated with the generated-answer protocol", name)
+                protocol = "generate"
+            ev = (GRESEvaluator if gres else ReferringEvaluator)(name, distributed=False)
             ev.reset()
             for r in tqdm(records, desc=f"PixelLM {name}", disable=len(records) < 10):
-                for x in referring_inputs(r, mapper, p.EVAL.REFER_PROTOCOL):
-                    out = run_model(model, [x], p.EVAL.REFER_PROTOCOL)[0]["answers"][0]
+                for x in referring_inputs(r, mapper, protocol):
+                    out = run_model(model, [x], protocol)[0]["answers"][0]
                     m = out["mask_logits"] > 0
                     inst = Instances((x["height"], x["width"]))
-                    # one target per sentence: the union of the answer's masks (none -> empty)
+                    # the prediction of a sentence is the union of the answer's masks; an answer
+                    # without codebook groups is "no target" (gRefCOCO) / an empty mask
                     inst.pred_masks = m.any(0, keepdim=True) if len(m) else m.new_zeros(1, x["height"], x["width"])
-                    ev.process([r], [{"instances": inst}])
+                    ev.process([r], [{"instances": inst, "no_target": len(m) == 0}])
         results[name] = ev.evaluate()
         logger.info("%s: %s", name, results[name])
     model.train(was_training)

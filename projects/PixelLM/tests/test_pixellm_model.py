@@ -355,18 +355,21 @@ def test_predictor_batched_and_drawn(model, tok_dir):
 
 
 # ------------------------------------------------------------------ referring through psalm's evaluator
-@pytest.mark.parametrize("protocol", ["teacher_forced", "generate", "multi"])
+@pytest.mark.parametrize("protocol", ["teacher_forced", "generate", "multi", "gres"])
 def test_referring_evaluation_through_psalm(model, tok_dir, tmp_path_factory, protocol):
     from pixellm.evaluation import evaluate_pixellm
 
     root = tmp_path_factory.mktemp("syn")
     cfg = _cfg(tok_dir, "DATASETS.SYNTHETIC.ROOT", str(root), "DATASETS.SYNTHETIC.NUM_TRAIN", "2",
                "DATASETS.SYNTHETIC.NUM_VAL", "2", "DATASETS.SYNTHETIC.NUM_TEST", "1",
-               "DATASETS.TEST", '("psalm_synthetic_val_referring",)', "MODEL.PIXELLM.EVAL.REFER_PROTOCOL", "teacher_forced" if protocol == "multi" else protocol,
+               "DATASETS.TEST", f'("psalm_synthetic_val_{"gres" if protocol == "gres" else "referring"}",)', "MODEL.PIXELLM.EVAL.REFER_PROTOCOL", "teacher_forced" if protocol in ("multi", "gres") else protocol,
                "MODEL.PIXELLM.EVAL.MULTI_REFER", str(protocol == "multi"),
                "MODEL.PIXELLM.MAX_NEW_TOKENS", "3")
-    res = evaluate_pixellm(cfg, model, limit=2)["psalm_synthetic_val_referring"]["referring"]
+    name = "gres" if protocol == "gres" else "referring"
+    res = evaluate_pixellm(cfg, model, limit=2)[f"psalm_synthetic_val_{name}"][name]
     assert {"cIoU", "gIoU", "num_samples"} <= set(res) and res["num_samples"] == 2
+    if protocol == "gres":
+        assert "N-acc" in res
 
 
 def test_multi_referring_conversations_official_grouping():

@@ -107,7 +107,7 @@ def build_qwen2_mrope(cfg, vocab_size: int):
         model = Qwen2ForCausalLM(config)
     install_mrope(model, c.MROPE_SECTION)
     if c.GRADIENT_CHECKPOINTING:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

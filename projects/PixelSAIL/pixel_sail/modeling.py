@@ -168,8 +168,7 @@ class PixelSAIL(nn.Module):
         feats = self.forward_features(batched_inputs)
         logits = self.llm.lm_head(feats["hidden"])
         gt = [None if inp.get("gt_masks") is None else inp["gt_masks"].to(self.device) for inp in batched_inputs]
-        pred = [p if p is not None or g is None else None for p, g in zip(feats["pred_masks"], gt)]
-        losses, stats = self.criterion(logits, feats["batch"].labels, pred, gt)
+        losses, stats = self.criterion(logits, feats["batch"].labels, feats["pred_masks"], gt)
         if self.distiller is not None:
             losses.update(self.distiller(batched_inputs, feats["f_mask"], feats["vision_states"]))
         self.num_seg_mismatch += stats["num_mismatched"]

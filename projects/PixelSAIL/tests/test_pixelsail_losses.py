@@ -139,3 +139,24 @@ def test_distillation_in_training_teachers_excluded(make_model, tmp_path):
     torch.testing.assert_close(pre(inp), model.distiller.teachers["m2f"](inp))
     with pytest.raises(ValueError, match="unknown teacher"):
         build_teacher("timm:foo")
+
+
+def test_gradient_checkpointing_same_gradients_and_bf16(make_model):
+    """GRADIENT_CHECKPOINTING recomputes the same function (same losses and gradients); a bf16 autocast
+    forward gives finite losses close to fp32."""
+    inp = make_input(make_model(), turns=[("Segment the circle.", "It is [SEG].")], gt_masks=torch.ones(1, 32, 48))
+    results = []
+    for ckpt in (False, True):
+        model = make_model("MODEL.PIXEL_SAIL.LLM.GRADIENT_CHECKPOINTING", ckpt).train()
+        model.criterion.sample_points = FixedPoints()
+        losses = model([inp])
+        sum(losses.values()).backward()
+        results.append((float(sum(losses.values()).detach()), model.vis_embed.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    model = make_model().train()
+    model.criterion.sample_points = FixedPoints()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = model([inp])
+    assert all(torch.isfinite(v) for v in bf.values())
+    assert float(sum(bf.values())) == pytest.approx(results[0][0], rel=0.1)

@@ -18,6 +18,15 @@ read). Then::
 
 __version__ = "0.1.0"
 
+try:
+    import detectron2  # noqa: F401
+except ImportError as e:  # no registry release: say how to get it instead of a bare ModuleNotFoundError
+    raise ImportError(
+        "psalm needs detectron2, which has no release on the package registry (pip cannot install it as a "
+        "dependency). Run `bash scripts/install.sh` (it builds detectron2 from the pb1-detectron2 sdist with "
+        "small patches), or build it from source into this environment: see the README, 'Installation'."
+    ) from e
+
 from . import modeling  # noqa: E402,F401  (registers the model components)
 from .config import add_psalm_config, get_psalm_cfg  # noqa: E402
 from .data import datasets  # noqa: E402,F401  (registers the data sets)

@@ -265,6 +265,9 @@ def test_synthetic_muse_and_loader(tmp_path, model):
     dicts = load_muse_json(path, tmp_path)
     assert dicts and all(len(q) == len(t) for d in dicts for q, t in [(d["questions"], d["targets"])])
     assert max(len(t) for d in dicts for t in d["targets"]) >= 2  # multi-target questions
+    assert prepare_synthetic_muse(tmp_path, "train", spec) == path  # same parameters: reused
+    with pytest.raises(ValueError, match="other parameters"):
+        prepare_synthetic_muse(tmp_path, "train", SyntheticSpec(num_train=4, num_val=1, num_test=1))
     loader = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)
     b1 = next(iter(loader))
     loader2 = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)

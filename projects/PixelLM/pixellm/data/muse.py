@@ -101,7 +101,15 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
     spec = spec or syn.SyntheticSpec()
     root = pathlib.Path(root)
     out_json = root / f"muse_{split}.json"
+    # the files depend on the scene spec and the question parameters: a directory written with other
+    # ones is an error, never silently reused
+    params = {"spec": spec.to_json(), "questions_per_image": questions_per_image, "max_targets": max_targets,
+              "seed": seed, "split": split}
+    manifest = root / f"muse_{split}.params.json"
     if out_json.is_file():
+        if not manifest.is_file() or json.loads(manifest.read_text()) != params:
+            raise ValueError(f"{out_json} was generated with other parameters than {params} (see {manifest}); "
+                             "use another DATASETS.SYNTHETIC.ROOT / PIXELLM_SYNTHETIC_DIR or delete the directory")
         return str(out_json)
     (root / split).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, {"train": 0, "val": 1, "test": 2}[split]])
@@ -138,6 +146,7 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
                         "answers": answers, "text_answers": text_answers})
     tmp = out_json.with_suffix(".tmp")
     tmp.write_text(json.dumps(records))
+    manifest.write_text(json.dumps(params))
     os.replace(tmp, out_json)
     logger.info("synthetic MUSE %s: %d images -> %s", split, len(records), out_json)
     return str(out_json)

@@ -16,27 +16,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
 def draw(image, result, alpha=0.5):
-    """uint8 RGB [H, W, 3] with the masks, the prompts and the answer text (psalm's visualizer)."""
+    """uint8 RGB [H, W, 3]: the predicted masks labelled with the answer, or (no mask) the visual prompts and
+    the answer as a banner (psalm's visualizer)."""
+    import torch
     from detectron2.structures import Instances
 
-    import torch
-
+    from psalm.utils.prompts import rasterize_regions
     from psalm.utils.visualizer import draw_prediction
 
-    inst = Instances(image.shape[:2])
-    inst.pred_masks = torch.as_tensor(result["masks"])
-    inst.scores = torch.as_tensor(result["scores"])
-    task = "interactive" if result["regions"] and not len(result["masks"]) else "referring"
-    pred = {"instances": inst}
-    if task == "interactive":
-        # the prompts are drawn on their own masks
-        from psalm.utils.prompts import rasterize_regions
-
+    if len(result["masks"]):
+        inst = Instances(image.shape[:2])
+        inst.pred_masks = torch.as_tensor(result["masks"])
+        inst.scores = torch.as_tensor(result["scores"])
+        return draw_prediction(image, {"instances": inst}, "referring", sentence=result["text"], alpha=alpha)
+    if result["regions"]:
         inst = Instances(image.shape[:2])
         inst.pred_masks = torch.as_tensor(rasterize_regions(result["regions"], image.shape[:2]))
         inst.scores = torch.ones(len(inst.pred_masks))
-        pred = {"instances": inst}
-    return draw_prediction(image, pred, task, regions=result["regions"] or None, sentence=result["text"], alpha=alpha)
+        image = draw_prediction(image, {"instances": inst}, "interactive", regions=result["regions"], alpha=alpha)
+    return draw_prediction(image, {"text": result["text"] or "(empty answer)"}, "instruction")
 
 
 def main(argv=None):

@@ -70,9 +70,9 @@ def _input(T, sample, image_key=None, with_answers=True):
     orig = T[f"{image_key or sample}.image.original_u8_hwc"].numpy()
     x, size = preprocess_clip_image(orig, 448)
     inp = {"clip_image": x.double(), "clip_size": size, "height": orig.shape[0], "width": orig.shape[1],
-           "input_ids": [T[f"{sample}.input_ids"][0]]}
+           "input_ids": list(T[f"{sample}.input_ids"])}  # one row per question (collate-padded with pad 0)
     if with_answers:
-        inp.update(labels=[T[f"{sample}.labels"][0]], gt_masks=T[f"{sample}.gt_masks"])
+        inp.update(labels=list(T[f"{sample}.labels"]), gt_masks=T[f"{sample}.gt_masks"])
     return inp
 
 
@@ -81,7 +81,8 @@ def test_converter_keys_and_position_embedding(golden):
     # dropped only by the named rules: the 4.31 rotary buffers and the unused prompt-encoder modules
     assert all(k.endswith("rotary_emb.inv_freq") or ".prompt_encoder." in k or k.endswith("position_ids")
                for k in conv.dropped), conv.dropped
-    assert conv.spec["codebook"]["ids"] == [700, 701, 702, 703, 704, 705]
+    added = json.loads((GOLDEN / "added_tokens.json").read_text())
+    assert conv.spec["codebook"]["ids"] == [added[f"[SEG{i}]"] for i in range(6)]
     pe = model.vision_tower.clip.embeddings.position_embedding.weight
     _exact(pe.float(), T["clip.position_embedding_448"], "clip.position_embedding_448")
 
@@ -136,7 +137,7 @@ def test_teacher_forced(golden, sample):
     _close(im["clip"]["hidden_states_0"], T[f"{sample}.clip.hidden_states_0"], TOL["clip"], "clip.hidden_states_0")
     _close(im["clip"]["taps"][0], T[f"{sample}.clip.tap_m2"], TOL["clip"], "clip.tap_m2")
     _close(im["clip"]["taps"][1], T[f"{sample}.clip.tap_m11"], TOL["clip"], "clip.tap_m11")
-    if f"{sample}.img.out_mm_projector" in T:
+    if f"{sample}.img.out_mm_projector" in T:  # (question 0 of the image)
         _close(im["out_mm"][0], T[f"{sample}.img.out_mm_projector"], TOL["neck"], "img.out_mm_projector")
     _close(im["decoder_features"][0], T[f"{sample}.img.neck"], TOL["neck"], "img.neck")
     _close(seq["inputs_embeds"], T[f"{sample}.spliced.inputs_embeds"], TOL["embeds"], "spliced.inputs_embeds")
@@ -144,12 +145,14 @@ def test_teacher_forced(golden, sample):
     _exact(seq["labels"], T[f"{sample}.spliced.labels"], "spliced.labels")
     _close(out["hidden"], T[f"{sample}.llm.last_hidden_state"], TOL["hidden"], "llm.last_hidden_state")
     token_mask = torch.zeros_like(T[f"{sample}.seg.token_mask"])
-    token_mask[0, out["positions"][0].cpu()] = True
+    for r, pos in enumerate(out["positions"]):
+        token_mask[r, pos.cpu()] = True
     _exact(token_mask, T[f"{sample}.seg.token_mask"], "seg.token_mask")
-    _exact(out["positions"][0], T[f"{sample}.seg.hidden_positions"][:, 1], "seg.hidden_positions")
-    fcs = model.text_hidden_fcs(out["hidden"][0, out["positions"][0]])
+    positions = torch.cat([torch.stack([torch.full_like(p, r), p], 1) for r, p in enumerate(out["positions"])])
+    _exact(positions, T[f"{sample}.seg.hidden_positions"], "seg.hidden_positions")
+    fcs = torch.cat([model.text_hidden_fcs(out["hidden"][r, p]) for r, p in enumerate(out["positions"])])
     _close(fcs, T[f"{sample}.seg.text_hidden_fcs"], TOL["fcs"], "seg.text_hidden_fcs")
-    _close(out["fused"][0], T[f"{sample}.seg.fused"], TOL["fused"], "seg.fused")
+    _close(torch.cat(out["fused"]), T[f"{sample}.seg.fused"], TOL["fused"], "seg.fused")
     _close(out["levels"][0][0], T[f"{sample}.dec.level0.masks"], TOL["level0"], "dec.level0.masks")
     _close(out["levels"][0][1], T[f"{sample}.dec.level1.masks"], TOL["level1"], "dec.level1.masks")
     _close(out["low_res"][0], T[f"{sample}.dec.fused_low_res"], TOL["low_res"], "dec.fused_low_res")
@@ -179,11 +182,12 @@ def test_losses_and_target_refinement(golden, sample):
     _close(total + losses["loss_trl"], T[f"{sample}.loss.total_with_trl"][0], TOL["loss"], "loss.total_with_trl")
 
 
-@pytest.mark.parametrize("sample,max_new", [("gen_free", 6), ("gen_prefix", 3)])
-def test_generation(golden, sample, max_new):
+@pytest.mark.parametrize("sample", ["gen_free", "gen_prefix"])
+def test_generation(golden, sample):
     from pixellm.modeling.generation import generate
 
     model, T = golden["model"], golden["T"]
+    max_new = T[f"{sample}.step_logits"].shape[0]  # the recorded number of generation steps
     inp = _input(T, sample, image_key="gen", with_answers=False)
     ans = generate(model, [inp], max_new_tokens=max_new)[0]["answers"][0]
     _exact(ans["output_ids"][None], T[f"{sample}.output_ids"], "output_ids")

@@ -11,10 +11,8 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pixellm_tiny
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from pixellm.data.datasets import save_tiny_pixellm_tokenizer
-
-    return save_tiny_pixellm_tokenizer(tmp_path_factory.mktemp("pixellm_tok") / "tok")
+def tok_dir(pixellm_tok_dir):
+    return pixellm_tok_dir
 
 
 def _cfg(tok_dir, *opts):

@@ -9,11 +9,12 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pixellm_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
+def tiny_cfg(tmp_path_factory, pixellm_tok_dir):
     from pixellm import get_pixellm_cfg
 
     tmp = tmp_path_factory.mktemp("pixellm_tiny")
-    cfg = get_pixellm_cfg(str(CONFIG), ["OUTPUT_DIR", str(tmp / "out"), "MODEL.PIXELLM.TOKENIZER", str(tmp / "tok"),
+    cfg = get_pixellm_cfg(str(CONFIG), ["OUTPUT_DIR", str(tmp / "out"), "MODEL.PIXELLM.TOKENIZER", str(pixellm_tok_dir),
+                                        "MODEL.PIXELLM.MAX_NEW_TOKENS", "8",
                                         "DATASETS.SYNTHETIC.ROOT", str(tmp / "data"), "SOLVER.MAX_ITER", "3"])
     return cfg
 

@@ -37,7 +37,11 @@ def test_benchmark_model_json_lines(psalm_cache):
         assert r["batch_size"] == 1 and r["image_size"] == 256 and r["iters"] == 1 and r["warmup"] == 0
         assert r["memory_kind"] == "cpu_max_rss" and r["peak_memory_mb"] > 0
         assert r["latency_ms_median"] > 0 and r["latency_ms_mean"] > 0 and r["images_per_s"] > 0
-        assert r["num_parameters"] > 0
+        assert r["num_parameters"] > 0 and r["classes"] == "synthetic" and r["profiled"] is False
+        assert r["torch_threads"] == 1
+        assert set(r["stage_s_per_iter"]) == {"backbone", "pixel_decoder", "projector", "llm.model", "predictor"}
+        assert all(v > 0 for v in r["stage_s_per_iter"].values())
+        assert r["stage_calls_per_iter"]["backbone"] == 1 and r["stage_calls_per_iter"]["llm.model"] == 1
 
 
 def test_benchmark_deform_attn_json_lines(capsys):

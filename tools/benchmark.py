@@ -15,6 +15,12 @@ scene's object masks. Weights are ``MODEL.WEIGHTS`` (empty: random; speed does n
     python tools/benchmark.py --config-file configs/tiny/Base-PSALM-tiny.yaml --task panoptic --iters 5
     python tools/benchmark.py --config-file configs/coco/psalm_swin_base_phi15.yaml --task referring \\
         --mode both --batch-size 4 --opts MODEL.DEVICE cuda MODEL.PSALM.TOKENIZER checkpoints/phi-1_5
+
+``--classes coco_panoptic`` prompts the category tasks with the 133 COCO panoptic names (the
+evaluation's prompt) instead of the synthetic data set's few. ``--profile DIR`` runs the timed
+iterations under ``torch.profiler`` and writes ``DIR/<task>_<mode>_ops.txt`` (operators by self
+time), ``DIR/<task>_<mode>_modules.txt`` (time per module scope: backbone, pixel decoder, LLM...)
+and a Chrome trace; the JSON line then times the profiled run (profiling adds overhead).
 """
 from __future__ import annotations
 
@@ -32,11 +38,13 @@ from psalm.config import get_psalm_cfg
 from psalm.data.mapper import resize_pad_masks
 from psalm.data.synthetic import CLASS_NAMES, STUFF_CLASSES, THING_CLASSES, SyntheticSpec, generate_scene
 from psalm.predictor import PSALMPredictor, autocast_context, ensure_tokenizer
-from psalm.utils.profiling import MemoryMeter, emit_json, latency_stats, time_iterations
+from psalm.utils.profiling import MemoryMeter, StageTimer, emit_json, latency_stats, profiled, time_iterations
 
 logger = logging.getLogger("psalm.benchmark")
 TASKS = ("panoptic", "instance", "semantic", "referring", "gres", "interactive", "instruction")
 MODES = ("inference", "train")
+# sub-modules timed per stage (StageTimer): the image encoder, pixel decoder, projector, LLM, mask decoder
+STAGES = ("backbone", "pixel_decoder", "projector", "llm.model", "predictor")
 
 
 def _scene(size: int, index: int):
@@ -46,8 +54,12 @@ def _scene(size: int, index: int):
     return image, objects, wall
 
 
-def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool) -> dict:
-    """One model input dict for ``task`` on synthetic scene ``index`` (plus GT when ``train``)."""
+def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool, classes: str = "synthetic") -> dict:
+    """One model input dict for ``task`` on synthetic scene ``index`` (plus GT when ``train``).
+
+    ``classes``: the category prompt of panoptic / instance / semantic, ``"synthetic"`` (the data
+    set's classes) or a :mod:`psalm.data.class_names` benchmark such as ``"coco_panoptic"`` (133;
+    the scene's objects are then labelled with its first classes for the training targets)."""
     size = predictor.image_size
     image, objects, wall = _scene(size, index)
     obj = objects[0]
@@ -55,11 +67,20 @@ def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool) -
     for o in objects:
         things |= o["mask"]
     if task in ("panoptic", "instance", "semantic"):
-        classes = list(CLASS_NAMES)
-        prompt = {"classes": classes, "is_thing": [c in THING_CLASSES for c in classes]}
         gt = [o["mask"] for o in objects] + [wall & ~things, ~wall & ~things]
-        gt_classes = [THING_CLASSES.index(o["shape"]) for o in objects] + [
-            CLASS_NAMES.index(s) for s in STUFF_CLASSES]
+        if classes == "synthetic":
+            names = list(CLASS_NAMES)
+            prompt = {"classes": names, "is_thing": [c in THING_CLASSES for c in names]}
+            gt_classes = [THING_CLASSES.index(o["shape"]) for o in objects] + [
+                CLASS_NAMES.index(s) for s in STUFF_CLASSES]
+        else:
+            from psalm.data.class_names import load_categories
+
+            cats = load_categories(classes)
+            prompt = {"classes": [c["name"] for c in cats], "is_thing": [bool(c["isthing"]) for c in cats]}
+            thing_ids = [i for i, c in enumerate(cats) if c["isthing"]]
+            stuff_ids = [i for i, c in enumerate(cats) if not c["isthing"]]
+            gt_classes = [thing_ids[THING_CLASSES.index(o["shape"])] for o in objects] + stuff_ids[:2]
     elif task in ("referring", "gres"):
         prompt = {"text": f"the {obj['color']} {obj['shape']}"}
         gt, gt_classes = [obj["mask"]], [0]
@@ -96,10 +117,11 @@ def _dtype_name(dtype) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, iters: int, warmup: int) -> dict:
+def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, iters: int, warmup: int,
+            classes: str = "synthetic", profile_dir: str | None = None) -> dict:
     model, device = predictor.model, predictor.device
     train = mode == "train"
-    batch = [make_sample(predictor, task, i, train) for i in range(batch_size)]
+    batch = [make_sample(predictor, task, i, train, classes) for i in range(batch_size)]
     if train:
         model.train()
         dtype = _train_dtype(predictor.cfg, device)
@@ -122,8 +144,17 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
         def step():
             predictor.run(batch)
 
-    with MemoryMeter(device) as mem:
-        times = time_iterations(step, iters, warmup, device)
+    stages = StageTimer(model, list(STAGES), device)
+    with MemoryMeter(device) as mem, profiled(profile_dir, f"{task}_{mode}", device) as prof:
+
+        def start():
+            prof.start()
+            stages.__enter__()
+
+        try:
+            times = time_iterations(step, iters, warmup, device, before_timed=start)
+        finally:
+            stages.__exit__()
     model.eval()
     stats = latency_stats(times, batch_size)
     return {
@@ -132,6 +163,9 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
         "latency_ms_median": stats["latency_ms_median"],
         "latency_ms_mean": stats["latency_ms_mean"],
         "images_per_s": stats["items_per_s"],
+        # forward time per timed iteration in each stage (gradient checkpointing re-runs count again)
+        "stage_s_per_iter": {k: round(v / iters, 4) for k, v in stages.seconds.items()},
+        "stage_calls_per_iter": {k: v / iters for k, v in stages.calls.items()},
         **mem.report(),
     }
 
@@ -144,6 +178,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--classes", default="synthetic",
+                   help="category prompt of panoptic/instance/semantic: 'synthetic' or a psalm.data.class_names "
+                        "benchmark, e.g. coco_panoptic (133 names)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run the timed iterations under torch.profiler; tables and a trace go to DIR")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="--mode both on CPU: one process per mode so that each RSS peak is its own (default)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
@@ -153,7 +192,9 @@ def get_parser() -> argparse.ArgumentParser:
 def _child(args, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file, "--task", args.task,
            "--mode", mode, "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--classes", args.classes]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     if args.opts:
         cmd += ["--opts", *args.opts]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -188,9 +229,13 @@ def main(argv=None) -> int:
         "iters": args.iters,
         "warmup": args.warmup,
         "num_parameters": sum(p.numel() for p in predictor.model.parameters()),
+        "classes": args.classes,
+        "profiled": bool(args.profile),
+        "torch_threads": torch.get_num_threads(),
     }
     for mode in modes:
-        emit_json({**common, **measure(predictor, args.task, mode, args.batch_size, args.iters, args.warmup)})
+        emit_json({**common, **measure(predictor, args.task, mode, args.batch_size, args.iters, args.warmup,
+                                       args.classes, args.profile)})
     return 0
 
 

@@ -24,7 +24,8 @@ import torch
 
 from .tokens import EOS_TOKEN, IM_END, IM_START, TokenIds
 
-__all__ = ["PixelSAILSample", "PixelSAILBatch", "build_sample", "collate", "position_ids_3d", "user_turn_text"]
+__all__ = ["PixelSAILSample", "PixelSAILBatch", "build_sample", "generation_prefix", "collate", "position_ids_3d",
+           "user_turn_text"]
 
 IGNORE_INDEX = -100
 
@@ -56,9 +57,8 @@ def build_sample(tokenizer, ids: TokenIds, grid_hw: Tuple[int, int], turns: Sequ
     Args:
         grid_hw: (h, w) patch grid of the image.
         turns: (question, answer) pairs; an answer of None ends the sequence after that user turn (a
-            generation prefix; only allowed for the last turn). An answer prefix to be continued by
-            generation is given as ``(question, "It is [SEG].")`` with ``add_eos`` handled by the caller:
-            use :func:`build_sample` with the answer and strip the eos (``generation_prefix``).
+            generation prefix; only allowed for the last turn). A forced answer start that generation
+            continues: :func:`generation_prefix`.
         vp_patch_masks: bool [R, h, w], prompt masks on the patch grid, in overwrite order.
         vp_ids: prompt number k of each mask (default 0..R-1).
         max_length: truncate (the official 8192, vision included) -- error if that would cut the image.

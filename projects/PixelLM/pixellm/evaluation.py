@@ -103,9 +103,7 @@ class MuseEvaluator(DatasetEvaluator):
 
 def referring_inputs(record: dict, mapper, protocol: str) -> list[dict]:
     """One model input per sentence of a psalm referring record (single target)."""
-    from .data.mapper import PixelLMDatasetMapper  # noqa: F401  (type of ``mapper``)
-    from .data.prompt import REFER_QUESTION, build_conversation, codebook_group, tokenize_conversation, \
-        tokenizer_image_token
+    from .data.prompt import REFER_QUESTION, build_conversation, tokenize_conversation, tokenizer_image_token
     from psalm.utils.image_io import read_image_rgb
 
     from .modeling.vision import preprocess_clip_image

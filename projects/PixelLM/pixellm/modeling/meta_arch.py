@@ -36,9 +36,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 from psalm.modeling.criterion import IGNORE_INDEX, next_token_loss
 
-from .codebook import ScaleFusion, TokenFusion, codebook_positions
+from .codebook import codebook_positions
 from .losses import PixelLMMaskLoss
-from .mask_decoder import MultiScaleMaskDecoder, PixelLMPromptEncoder, neck
 
 __all__ = ["PixelLM", "IMAGE_TOKEN_INDEX", "postprocess_masks", "projector"]
 

@@ -145,6 +145,8 @@ class PSALMDatasetMapper:
         is_thing: Optional[Sequence[bool]] = None,
         ignore_label: int = 255,
         task: Optional[str] = None,
+        class_budget=None,
+        detections_per_image: Optional[int] = None,
     ):
         """
         Args:
@@ -162,6 +164,13 @@ class PSALMDatasetMapper:
             ignore_label: ignored value of semantic PNGs.
             task: if set, the task of EVERY dict this mapper maps (overrides the dicts' own
                 ``task``, e.g. DATASETS.TRAIN_TASKS); None: each dict's ``task`` field.
+            class_budget: a :class:`psalm.data.class_budget.LazyClassBudget`; training images of a
+                category data set whose class list exceeds the context get a class subset
+                (positives + negatives, :meth:`ClassContextBudget.training_subset`): their
+                ``class_names`` / ``is_thing`` are the subset, ``gt_classes`` index it and
+                ``class_ids`` holds the subset's ids in the full list. None: never.
+            detections_per_image: copied into evaluation inputs (post-processing top-k of this
+                data set, e.g. LVIS 300); from_config reads the metadata's ``detections_per_image``.
         """
         if image_format != "RGB":
             raise ValueError(f"PSALM reads RGB images (INPUT.FORMAT='RGB'), got {image_format!r}")
@@ -181,6 +190,8 @@ class PSALMDatasetMapper:
         self.is_thing = self._check_is_thing(is_thing, self.class_names)
         self.ignore_label = int(ignore_label)
         self.task = check_task(task) if task is not None else None
+        self.class_budget = class_budget
+        self.detections_per_image = detections_per_image
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_name: Optional[str] = None):
@@ -201,6 +212,11 @@ class PSALMDatasetMapper:
             ret["ignore_label"] = meta.get("ignore_label", 255)
             # one source of truth: coco_interactive_val_<type> evaluates <type> prompts
             ret["test_prompt_type"] = meta.get("prompt_type", None)
+            ret["detections_per_image"] = meta.get("detections_per_image", None)
+            if is_train and ret["class_names"]:
+                from .class_budget import LazyClassBudget
+
+                ret["class_budget"] = LazyClassBudget(cfg)
         return ret
 
     @staticmethod
@@ -284,12 +300,33 @@ class PSALMDatasetMapper:
             out["region_ann_indices"] = kept
         elif self.is_train and task not in LM_TASKS:
             masks, classes = self._gt_masks(task, d, orig_hw, new_hw)
+        if (self.is_train and masks is not None and task in CATEGORY_TASKS and self.class_budget is not None
+                and self.class_budget.may_overflow(out["class_names"])):
+            masks, classes = self._class_subset(out, masks, classes, rng)
+        if not self.is_train and self.detections_per_image is not None and task in CATEGORY_TASKS:
+            out["detections_per_image"] = int(self.detections_per_image)
         if self.is_train and masks is not None:
             instances = Instances((self.image_size, self.image_size))
             instances.gt_masks = masks
             instances.gt_classes = classes
             out["instances"] = instances
         return out
+
+    def _class_subset(self, out: Dict, masks: torch.Tensor, classes: torch.Tensor, rng):
+        """A class list over the context: this image's classes + random negatives that fit (in place on out)."""
+        names = out["class_names"]
+        budget = self.class_budget.get()
+        if budget.fits(names):
+            return masks, classes
+        keep = budget.training_subset(names, classes.tolist(), rng)
+        index = {k: i for i, k in enumerate(keep)}
+        sel = [i for i, c in enumerate(classes.tolist()) if int(c) in index]
+        out["class_names"] = [names[k] for k in keep]
+        if "is_thing" in out:
+            out["is_thing"] = [out["is_thing"][k] for k in keep]
+        out["class_ids"] = list(keep)
+        new_classes = torch.tensor([index[int(classes[i])] for i in sel], dtype=torch.int64)
+        return masks[sel], new_classes
 
     # ------------------------------------------------------------------ GT
     def _empty_masks(self) -> torch.Tensor:

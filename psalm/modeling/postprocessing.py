@@ -54,6 +54,7 @@ __all__ = [
     "semantic_inference",
     "instance_inference",
     "panoptic_inference",
+    "panoptic_merge",
     "referring_scores",
     "referring_inference",
     "gres_inference",
@@ -248,9 +249,30 @@ def panoptic_inference(
     if len(is_thing) != num_classes:
         raise ValueError(f"is_thing has {len(is_thing)} entries but the class logits have K={num_classes}")
     scores, labels = F.softmax(class_logits.float(), dim=-1).max(-1)
+    keep = labels.ne(num_classes)
+    return panoptic_merge(scores[keep], labels[keep], mask_logits[keep], is_thing, object_mask_threshold,
+                          overlap_threshold)
+
+
+@fp32_island
+def panoptic_merge(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    mask_logits: torch.Tensor,
+    is_thing: Sequence[bool],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> tuple[torch.Tensor, list[dict]]:
+    """The Mask2Former segment merge of :func:`panoptic_inference` on foreground queries.
+
+    Args:
+        scores, labels: [N] class probability and 0-based class of each query (background queries
+            already removed); mask_logits: [N, H, W]. The queries may come from several forwards
+            (class chunks of a long vocabulary), with labels in the full class list.
+    """
     probs = mask_logits.float().sigmoid()
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], probs[keep]
+    keep = scores > object_mask_threshold
+    cur_scores, cur_classes, cur_masks = scores[keep].float(), labels[keep], probs[keep]
 
     h, w = probs.shape[-2:]
     panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=probs.device)
@@ -446,6 +468,98 @@ class PSALMPostProcessor:
         return value
 
     @fp32_island
+    def merge_class_chunks(self, inp: Mapping, chunks: Sequence[tuple]) -> dict:
+        """Post-process one image predicted in class chunks (a class list over the context,
+        :mod:`psalm.inference.class_chunks`) and merge the chunks by score.
+
+        Args:
+            inp: the image's input dict with the FULL ``class_names`` (and ``is_thing``).
+            chunks: one ``(mask_logits [Q, h, w], class_logits [Q, K_c + 1], class_ids [K_c])`` per
+                chunk; ``class_ids`` index the full class list.
+        Returns:
+            the result dict of :meth:`single` over the full class list:
+
+            * ``instances``: top-k (``detections_per_image``) over the (query, class) pairs of
+              every chunk by class probability (each chunk's softmax over its own classes + background);
+            * ``sem_seg`` [K, H, W]: each class's map from its chunk;
+            * ``panoptic_seg``: :func:`panoptic_merge` over the queries of every chunk.
+        """
+        task = check_task(inp["task"])
+        if task not in CATEGORY_TASKS:
+            raise ValueError(f"class chunks are for category tasks, not {task!r}")
+        num_classes = len(inp["class_names"])
+        padding_mask = inp["padding_mask"]
+        input_size = tuple(padding_mask.shape[-2:])
+        valid_size = valid_size_from_padding_mask(padding_mask)
+        out_size = (int(inp.get("height", valid_size[0])), int(inp.get("width", valid_size[1])))
+        topk = int(inp.get("detections_per_image", self.detections_per_image))
+        is_thing = inp.get("is_thing")
+        if task == "semantic" and not self.semantic_postprocess_before_inference:
+            # as single(): each chunk's [K_c, S, S] maps, then resized, into the full class list
+            sem = None
+            for mask_logits, class_logits, class_ids in chunks:
+                dtype = torch.promote_types(mask_logits.dtype, torch.float32)
+                up = F.interpolate(mask_logits[None].to(dtype), size=input_size, mode="bilinear", align_corners=False)[0]
+                part = sem_seg_postprocess(semantic_inference(class_logits, up), valid_size, *out_size)
+                if sem is None:
+                    sem = part.new_zeros((num_classes, *part.shape[-2:]))
+                sem[torch.as_tensor(list(class_ids), dtype=torch.long, device=part.device)] = part
+            return {"sem_seg": sem}
+        masks, probs, ids = [], [], []
+        for mask_logits, class_logits, class_ids in chunks:
+            class_ids = torch.as_tensor(list(class_ids), dtype=torch.long, device=mask_logits.device)
+            if class_logits.shape[-1] != len(class_ids) + 1:
+                raise ValueError(f"a chunk has {class_logits.shape[-1] - 1} class logits for {len(class_ids)} classes")
+            masks.append(resize_mask_logits(mask_logits, input_size, valid_size, out_size).float())
+            probs.append(F.softmax(class_logits.float(), dim=-1))
+            ids.append(class_ids)
+        covered = torch.cat(ids)
+        if sorted(covered.tolist()) != list(range(num_classes)):
+            raise ValueError(f"the chunks cover classes {sorted(covered.tolist())[:8]}..., not each of the {num_classes} once")
+        result = {}
+        want_sem = task == "semantic" or (task == "panoptic" and self.panoptic_semantic_on)
+        if want_sem:
+            sem = masks[0].new_zeros((num_classes, *out_size))
+            for m, p, c in zip(masks, probs, ids):
+                sem[c] = torch.einsum("qk,qhw->khw", p[:, :-1], m.sigmoid())
+            result["sem_seg"] = sem
+            if task == "semantic":
+                return result
+        if task == "panoptic":
+            if is_thing is None:
+                raise ValueError("panoptic inference needs 'is_thing' in the input dict (see single())")
+            sc, lab, ml = [], [], []
+            for m, p, c in zip(masks, probs, ids):
+                s_, l_ = p.max(-1)
+                fg = l_.ne(p.shape[-1] - 1)
+                sc.append(s_[fg]), lab.append(c[l_[fg]]), ml.append(m[fg])
+            result["panoptic_seg"] = panoptic_merge(torch.cat(sc), torch.cat(lab), torch.cat(ml), is_thing,
+                                                    self.object_mask_threshold, self.overlap_threshold)
+            if not self.panoptic_instance_on:
+                return result
+        # instance pairs over every chunk: (class prob, chunk, query, global class)
+        dev = masks[0].device
+        flat_p, chunk_of, query, label = [], [], [], []
+        for j, (p, c) in enumerate(zip(probs, ids)):
+            q, k = p.shape[0], p.shape[-1] - 1
+            flat_p.append(p[:, :-1].flatten())
+            chunk_of.append(torch.full((q * k,), j, dtype=torch.long, device=dev))
+            query.append(torch.arange(q, device=dev).repeat_interleave(k))
+            label.append(c.to(dev).repeat(q))
+        flat_p, chunk_of, query, label = (torch.cat(x) for x in (flat_p, chunk_of, query, label))
+        top, order = flat_p.topk(min(topk, flat_p.numel()), sorted=True)
+        if task == "panoptic":  # as instance_inference: top-k first, then the thing classes
+            keep = torch.as_tensor(list(is_thing), dtype=torch.bool, device=dev)[label[order]]
+            top, order = top[keep], order[keep]
+        all_masks = torch.cat(masks)  # [C * Q, H, W]
+        q_per_chunk = masks[0].shape[0]
+        sel = all_masks[chunk_of[order] * q_per_chunk + query[order]]
+        result["instances"] = _instances(
+            out_size, sel > 0, top * mask_scores(sel), pred_classes=label[order], pred_query_ids=query[order]
+        )
+        return result
+
+    @fp32_island
     def single(
         self, inp: Mapping, mask_logits: torch.Tensor, class_logits=None, refer_logits=None, region_logits=None
     ) -> dict:
@@ -467,8 +581,9 @@ class PSALMPostProcessor:
         masks = resize_mask_logits(mask_logits, input_size, valid_size, out_size).float()
         if task == "semantic":
             return {"sem_seg": semantic_inference(class_logits, masks)}
+        topk = int(inp.get("detections_per_image", self.detections_per_image))
         if task == "instance":
-            return {"instances": instance_inference(class_logits, masks, self.detections_per_image)}
+            return {"instances": instance_inference(class_logits, masks, topk)}
         if task == "panoptic":
             is_thing = inp.get("is_thing")
             if is_thing is None:
@@ -487,9 +602,7 @@ class PSALMPostProcessor:
             if self.panoptic_semantic_on:
                 result["sem_seg"] = semantic_inference(class_logits, masks)
             if self.panoptic_instance_on:
-                result["instances"] = instance_inference(
-                    class_logits, masks, self.detections_per_image, is_thing=is_thing
-                )
+                result["instances"] = instance_inference(class_logits, masks, topk, is_thing=is_thing)
             return result
         if task == "referring":
             return {"instances": referring_inference(self._require(refer_logits, "pred_refer_logits", task), masks)}

@@ -28,6 +28,8 @@ def lvis_metadata() -> dict:
         "prompt_class_names_source": "lvis_v1 (detectron2 LVIS_CATEGORIES, '_' -> ' ')",
         "thing_classes": names,
         "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(cats)},
+        # LVIS evaluates 300 detections per image (the 1203 names run in class chunks, datasets/README.md)
+        "detections_per_image": 300,
     }
 
 

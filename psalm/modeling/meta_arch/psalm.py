@@ -468,8 +468,14 @@ class PSALM(nn.Module):
             if T.is_lm_task(task):
                 outs = [{"text": t} for t in self.generate_text(inputs, image_features=feats)]
             else:
-                fwd = self.forward_segmentation(inputs, image_features=feats)
-                outs = self.postprocessor(fwd.outputs, inputs)
+                outs = None
+                if T.is_category_task(task):  # a class list over the context runs in class chunks
+                    from psalm.inference.class_chunks import maybe_chunked_category_inference
+
+                    outs = maybe_chunked_category_inference(self, inputs, feats)
+                if outs is None:
+                    fwd = self.forward_segmentation(inputs, image_features=feats)
+                    outs = self.postprocessor(fwd.outputs, inputs)
             for i, out in zip(idx, outs):
                 results[i] = out
         return results

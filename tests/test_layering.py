@@ -42,6 +42,7 @@ def _files(*rels):
         (("structures",), ("psalm.",)),  # the lowest layer imports nothing from psalm
         (("data/mapper.py", "data/samplers.py", "data/visual_prompts.py", "data/datasets"), ("psalm.modeling",)),
         (("evaluation/masks.py", "evaluation/davis.py"), ("psalm.data", "psalm.modeling")),
+        (("checkpoint",), ("psalm.modeling", "psalm.data", "psalm.engine")),
     ],
 )
 def test_no_upward_imports(files, forbidden):

@@ -35,6 +35,7 @@ import shutil
 from typing import Mapping
 
 import torch
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from .phi_keys import (
     OFFICIAL_LANGUAGE_HEADS,
@@ -230,8 +231,6 @@ def convert_official_release(
         IncompatibleKeysError: with the full missing / unexpected / mis-shaped report, before
             anything is written, when the converted weights do not match a PSALM built from ``cfg``.
     """
-    from psalm.modeling.meta_arch.psalm import build_psalm_model
-
     release_dir, output_dir = pathlib.Path(release_dir), pathlib.Path(output_dir)
     sd, config = read_official_release(release_dir)
     cfg = cfg.clone()
@@ -240,7 +239,10 @@ def convert_official_release(
     for key, why in sorted(conv.dropped.items()):
         logger.info("dropped %s: %s", key, why)
 
-    model = build_psalm_model(cfg, device="meta")
+    # the structure to check against, through detectron2's registry (``import psalm`` registers the model):
+    # the checkpoint layer does not import the modeling code
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, device="meta")
     report = check_state_dict(model, conv.state_dict, allow_missing=conv.allowed_missing)
     if not report.ok:
         raise IncompatibleKeysError(report, f"converted official release {release_dir}")

@@ -270,12 +270,12 @@ def panoptic_merge(
             already removed); mask_logits: [N, H, W]. The queries may come from several forwards
             (class chunks of a long vocabulary), with labels in the full class list.
     """
-    probs = mask_logits.float().sigmoid()
     keep = scores > object_mask_threshold
-    cur_scores, cur_classes, cur_masks = scores[keep].float(), labels[keep], probs[keep]
+    # sigmoid of the kept queries only (elementwise: the same values as selecting after it)
+    cur_scores, cur_classes, cur_masks = scores[keep].float(), labels[keep], mask_logits[keep].float().sigmoid()
 
-    h, w = probs.shape[-2:]
-    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=probs.device)
+    h, w = mask_logits.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device)
     segments_info: list[dict] = []
     if cur_masks.shape[0] == 0:
         return panoptic_seg, segments_info

@@ -325,3 +325,19 @@ def test_stage2_config_covers_the_full_size_model_exactly_once(tmp_path, monkeyp
                              "pixel_decoder.")) for k in conv.allowed_missing)
     with pytest.raises(InitWeightsError, match=r"FROZEN parameter\(s\)[^\n]*\n\s+backbone: \d+ key"):
         plan_initialization(shapes, [], frozen=frozen)  # the config as it was: no initial weights at all
+
+
+def test_init_error_carries_the_strict_report(tmp_path):
+    from psalm.checkpoint import IncompatibleKeysError
+
+    net = _Net()
+    sd = {k: v for k, v in net.state_dict().items() if k != "head.bias"}
+    sd["head.weight"] = torch.zeros(3, 4)
+    f = _save(tmp_path / "x.pth", sd)
+    with pytest.raises(IncompatibleKeysError) as e:
+        plan_initialization(_shapes(net), parse_init_entries([[f, "backbone.", "head."]]),
+                            random_patterns=["backbone.*"], frozen=["extra.weight"])
+    err = e.value
+    assert sorted(err.report.missing) == ["extra.bias", "extra.weight", "head.bias"]
+    assert err.report.mismatched == [("head.weight", (3, 4), (2, 4))]
+    assert err.covered_twice == ["backbone.bias", "backbone.weight"] and err.frozen_random == ["extra.weight"]

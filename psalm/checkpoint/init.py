@@ -30,6 +30,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .strict import IncompatibleKeysError, LoadReport
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["InitEntry", "InitPlan", "InitWeightsError", "parse_init_entries", "read_weights_file",
@@ -38,8 +40,19 @@ __all__ = ["InitEntry", "InitPlan", "InitWeightsError", "parse_init_entries", "r
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class InitWeightsError(RuntimeError):
-    """The initial weights do not cover the model exactly once (the message lists every problem)."""
+class InitWeightsError(IncompatibleKeysError):
+    """The initial weights do not cover the model exactly once (the message lists every problem).
+
+    An :class:`~psalm.checkpoint.strict.IncompatibleKeysError` whose ``report`` (a
+    :class:`~psalm.checkpoint.strict.LoadReport`) has the uncovered and missing keys as ``missing``, the
+    unexpected and mis-shaped ones; ``covered_twice`` and ``frozen_random`` list the other two problems.
+    """
+
+    def __init__(self, message: str, report: LoadReport, covered_twice=(), frozen_random=()):
+        self.report = report
+        self.covered_twice = list(covered_twice)
+        self.frozen_random = list(frozen_random)
+        RuntimeError.__init__(self, message)
 
 
 @dataclasses.dataclass
@@ -268,12 +281,15 @@ def plan_initialization(
         problems.append(f"  {len(mismatched)} mis-shaped key(s) (file vs model):\n" + "\n".join(
             f"    {k}: {a} vs {b} (in {p})" for k, a, b, p in mismatched[:20]))
     if problems:
+        report = LoadReport(missing=uncovered + [k for k, _ in missing], unexpected=[k for k, _ in unexpected],
+                            mismatched=[(k, a, b) for k, a, b, _ in mismatched])
         raise InitWeightsError(
             "the initial weights do not cover the model exactly once:\n" + "\n".join(problems) + "\n"
             "Fix: give each part one source in MODEL.PSALM.INIT.WEIGHTS, entries [file, prefix, ...] (the stage-2 "
             "recipe: docs/TRAINING.md 'Initial weights', MODEL_ZOO.md); list keys that start from their "
             "initialisation on purpose in MODEL.PSALM.INIT.RANDOM and frozen parts that this stage never uses in "
             "MODEL.PSALM.INIT.FROZEN_RANDOM; a run that trains from scratch on purpose sets "
-            "MODEL.PSALM.INIT.FROM_SCRATCH True"
+            "MODEL.PSALM.INIT.FROM_SCRATCH True",
+            report, covered_twice=sorted(twice), frozen_random=frozen_left_random,
         )
     return InitPlan(state, source, random_keys, ignored)

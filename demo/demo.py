@@ -2,7 +2,7 @@
 """PSALM demo: segment images (or a video) for any task and write overlays with labels and scores.
 
     python demo/demo.py --model output/tiny_synthetic --input img.png --output out/ \\
-        --task panoptic --classes circle square triangle star wall floor --stuff wall floor
+        --task panoptic --classes circle square triangle diamond wall floor --stuff wall floor
     python demo/demo.py --config-file configs/coco/psalm_swin_base_phi15.yaml --input photo.jpg \\
         --output out/ --opts MODEL.WEIGHTS checkpoints/psalm/model_final.pth MODEL.PSALM.TOKENIZER checkpoints/psalm
     python demo/demo.py ... --task referring --prompt "the white cup"

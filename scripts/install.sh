@@ -27,7 +27,7 @@ STAMP=$VENV/.psalm-install-stamp
 want=$(cat "$CONSTRAINTS" scripts/requirements.txt scripts/install.sh scripts/patch_detectron2.py setup.py \
        <(echo "${PSALM_KEEP_TORCH:-0}${PSALM_NO_KERNEL:-0}") | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && \
-   "$PY" -c "import psalm, detectron2, torch, transformers, timm" 2>/dev/null; then
+   "$PY" -c "import psalm, detectron2, torch, transformers, timm, gradio, selenium" 2>/dev/null; then
   log "already installed and up to date ($VENV); nothing to do"
   exit 0
 fi

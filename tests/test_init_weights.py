@@ -341,3 +341,24 @@ def test_init_error_carries_the_strict_report(tmp_path):
     assert sorted(err.report.missing) == ["extra.bias", "extra.weight", "head.bias"]
     assert err.report.mismatched == [("head.weight", (3, 4), (2, 4))]
     assert err.covered_twice == ["backbone.bias", "backbone.weight"] and err.frozen_random == ["extra.weight"]
+
+
+def test_llm_loaded_at_build_counts_as_its_source(stage2_files, tmp_path):
+    """MODEL.PSALM.LLM.NAME_OR_PATH with weights (loaded when the model is built) covers llm.*; a second
+    source for llm.* is 'covered twice'."""
+    from psalm.checkpoint.init import llm_weights_dir
+    from psalm.config import get_psalm_cfg
+
+    d = stage2_files["dir"]
+    assert llm_weights_dir(get_psalm_cfg(TINY, ["MODEL.PSALM.LLM.NAME_OR_PATH", str(d / "phi-1_5")])) == str(
+        d / "phi-1_5")
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    assert llm_weights_dir(get_psalm_cfg(TINY, ["MODEL.PSALM.LLM.NAME_OR_PATH", str(tmp_path / "config_only")])) == ""
+    shapes = {"llm.a": (2,), "head.b": (1,)}
+    f = _save(tmp_path / "llm.pth", {"llm.a": torch.zeros(2)})
+    plan = plan_initialization(shapes, [], prebuilt={"llm.": "NAME_OR_PATH"}, random_patterns=["head.*"])
+    assert plan.source["llm.a"] == "NAME_OR_PATH" and "llm.a" not in plan.random_keys
+    with pytest.raises(InitWeightsError, match="llm.a: NAME_OR_PATH, MODEL.PSALM.INIT.WEIGHTS"):
+        plan_initialization(shapes, parse_init_entries([[f, "llm."]]), prebuilt={"llm.": "NAME_OR_PATH"},
+                            random_patterns=["head.*"])

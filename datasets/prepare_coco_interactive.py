@@ -4,7 +4,8 @@
 Generation (``psalm.data.visual_prompts.generate_visual_prompts``, the official builder's rules) is
 seeded per annotation with ``numpy.random.default_rng([seed, annotation id])``: the output does not
 depend on order or ``--workers``, and the val file is frozen for a given seed. Crowd annotations
-are skipped unless ``--include-crowd``; images without any prompt are left out.
+are skipped unless ``--include-crowd``; images without any prompt are left out, and so are
+annotations without a valid polygon (< 3 points or odd length: no prompt can be drawn).
 
 Input: ``coco/annotations/instances_{split}2017.json`` (the official builder read ``annotation/``).
 Output: ``coco/coco_interactive_{split}_psalm.json`` (COCO format; annotations carry
@@ -24,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from psalm.data.datasets.coco_interactive import PROMPT_TYPES, interactive_json_path
 from psalm.data.datasets.prepare_utils import map_items, prepare_parser, read_json, setup_logging, write_json
-from psalm.data.visual_prompts import generate_visual_prompts, rle_area
+from psalm.data.visual_prompts import generate_visual_prompts, rle_area, valid_polygons
 
 OFFICIAL_KEYS = {t: f"{t}_visual_prompt_mask" for t in PROMPT_TYPES}
 
@@ -32,6 +33,9 @@ OFFICIAL_KEYS = {t: f"{t}_visual_prompt_mask" for t in PROMPT_TYPES}
 def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     seg = ann["segmentation"]
     if isinstance(seg, list):
+        seg = valid_polygons(seg)  # degenerate polygons cover nothing (pycocotools would read 4 values as a box)
+        if not seg:
+            return np.zeros((height, width), dtype=bool)
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg.get("counts"), list):
         rle = mask_utils.frPyObjects(seg, height, width)

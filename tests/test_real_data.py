@@ -120,3 +120,35 @@ def test_instance_training_drops_images_without_annotations(tmp_path):
     loader = build_psalm_train_loader(cfg)
     seen = {s["image_id"] for _, b in zip(range(10), iter(loader)) for s in b}
     assert seen == {1, 2, 3}
+
+
+def test_coco_evaluators_survive_degenerate_gt_polygons(tmp_path):
+    """detectron2's COCOEvaluator (mask AP of instance and panoptic runs) on a json with degenerate
+    polygons: pycocotools failed on the 4-value one; the ValidPolygon variant ignores them."""
+    import torch
+    from detectron2.structures import Instances
+
+    from psalm.evaluation.coco_json import ValidPolygonCOCOEvaluator
+
+    js, root = _coco_tree(tmp_path)
+    name = "_psalm_test_coco_eval_degenerate"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_coco_instances_json(js, root, {1: 0, 3: 1}, name, "-"))
+    MetadataCatalog.get(name).set(json_file=js, thing_classes=["person", "car"],
+                                  thing_dataset_id_to_contiguous_id={1: 0, 3: 1}, evaluator_type="coco")
+    ev = ValidPolygonCOCOEvaluator(name, tasks=("segm",), distributed=False, output_dir=str(tmp_path / "out"),
+                                   use_fast_impl=False)
+    ev.reset()
+    gt = annotation_to_mask([GOOD], H, W)
+    inst = Instances((H, W))
+    inst.pred_masks = torch.from_numpy(gt)[None]
+    inst.scores = torch.tensor([0.9])
+    inst.pred_classes = torch.tensor([0])
+    from psalm.modeling.postprocessing import masks_to_boxes
+
+    inst.pred_boxes = masks_to_boxes(inst.pred_masks)
+    ev.process([{"image_id": 1, "file_name": "1.jpg"}], [{"instances": inst}])
+    res = ev.evaluate()["segm"]
+    assert res["AP"] == pytest.approx(100.0)  # the one valid person, found exactly

@@ -5,7 +5,7 @@ Chosen by ``MetadataCatalog.get(dataset_name).evaluator_type``:
 | evaluator_type | evaluators |
 |---|---|
 | ``coco_panoptic_seg``, ``ade20k_panoptic_seg`` | ``COCOPanopticEvaluator`` (PQ) + :class:`PanopticThingAPEvaluator` (thing mask AP: ``COCOEvaluator`` on the instance json ``json_file``, required) + ``SemSegEvaluator`` (mIoU, skipped with a warning without ``sem_seg_root``), per ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` |
-| ``coco`` | ``COCOEvaluator(tasks=("segm",), use_fast_impl=False)`` (mask AP) |
+| ``coco`` | ``COCOEvaluator(tasks=("segm",), use_fast_impl=False)`` (mask AP; degenerate GT polygons dropped: :class:`ValidPolygonCOCOEvaluator`) |
 | ``sem_seg`` | ``SemSegEvaluator`` (mIoU) |
 | ``referring`` / ``gres`` | :class:`ReferringEvaluator` / :class:`GRESEvaluator` |
 | ``interactive`` | :class:`InteractiveEvaluator` |
@@ -19,12 +19,12 @@ import os
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
-    COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
 )
 
+from .coco_json import ValidPolygonCOCOEvaluator
 from .davis import DAVISEvaluator
 from .interactive import InteractiveEvaluator
 from .panoptic_ap import PanopticThingAPEvaluator
@@ -82,8 +82,8 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str | None = None, distr
                 )
     elif et == "coco":
         evaluators.append(
-            COCOEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir,
-                          use_fast_impl=False)
+            ValidPolygonCOCOEvaluator(dataset_name, tasks=("segm",), distributed=distributed, output_dir=output_dir,
+                                      use_fast_impl=False)
         )
     elif et == "sem_seg":
         evaluators.append(SemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir))

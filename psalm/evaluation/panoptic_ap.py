@@ -13,7 +13,8 @@ be 0..T-1: ADE20K-150's 100 things are interleaved with stuff (``bed`` is 7). de
 * turns the ``pred_classes`` of each thing-only ``instances`` output from the K-class space into
   that rank, and each input's ``image_id`` into the id the instance json gives the same image file
   (Mask2Former's ADE jsons use the file stem for both; a json with other ids still matches);
-* hands the result to ``COCOEvaluator(view, tasks=("segm",), use_fast_impl=False)`` (official
+* hands the result to ``COCOEvaluator(view, tasks=("segm",), use_fast_impl=False)`` (degenerate GT
+  polygons dropped, :class:`~psalm.evaluation.coco_json.ValidPolygonCOCOEvaluator`; official
   COCO API), whose ``evaluate()`` it returns (``{"segm": {...}}``).
 
 The panoptic metadata must hold ``json_file``, ``thing_classes`` (T names, contiguous-id order)
@@ -27,10 +28,12 @@ import os
 
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Instances
 
 from psalm.data.datasets._common import MissingDatasetFileError
+
+from .coco_json import ValidPolygonCOCOEvaluator
 
 __all__ = ["PanopticThingAPEvaluator", "thing_ap_view", "THING_AP_VIEW_SUFFIX"]
 
@@ -111,7 +114,8 @@ class PanopticThingAPEvaluator(DatasetEvaluator):
         self._id_by_stem = {_stem(img["file_name"]): img["id"] for img in gt["images"]}
         self._json_image_ids = {img["id"] for img in gt["images"]}
         del gt
-        self._coco = COCOEvaluator(self.view_name, tasks=("segm",), distributed=distributed, output_dir=output_dir,
+        self._coco = ValidPolygonCOCOEvaluator(self.view_name, tasks=("segm",), distributed=distributed,
+                                               output_dir=output_dir,
                                    use_fast_impl=False)
 
     def reset(self):

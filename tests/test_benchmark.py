@@ -32,6 +32,7 @@ def test_benchmark_model_json_lines(psalm_cache):
                            "--mode", "both", "--isolate", "none", "--iters", "1", "--warmup", "0",
                            "--opts", "MODEL.DEVICE", "cpu"], psalm_cache)
     assert [r["mode"] for r in records] == ["inference", "train"]
+    assert [r["optimizer"] for r in records] == [None, "adamw"]
     for r in records:
         assert r["config"] == TINY and r["task"] == "referring" and r["device"] == "cpu" and r["dtype"] == "fp32"
         assert r["batch_size"] == 1 and r["image_size"] == 256 and r["iters"] == 1 and r["warmup"] == 0
@@ -42,6 +43,7 @@ def test_benchmark_model_json_lines(psalm_cache):
         assert set(r["stage_s_per_iter"]) == {"backbone", "pixel_decoder", "projector", "llm.model", "predictor"}
         assert all(v > 0 for v in r["stage_s_per_iter"].values())
         assert r["stage_calls_per_iter"]["backbone"] == 1 and r["stage_calls_per_iter"]["llm.model"] == 1
+        assert r["llm_batch_and_length"][0] == 1 and r["llm_batch_and_length"][1] > 256  # 256 image tokens + text
 
 
 def test_benchmark_deform_attn_json_lines(capsys):

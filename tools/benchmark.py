@@ -107,6 +107,32 @@ def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool, c
     return inp
 
 
+def stand_in_tokenizer(directory: str, vocab_size: int) -> str:
+    """A tokenizer with exactly ``vocab_size`` entries for timing a full-size model without phi-1_5's.
+
+    psalm's tiny byte-level BPE (:func:`psalm.modeling.tokenizer.build_tiny_tokenizer`, no PSALM
+    tokens) plus unused added tokens ``<|unused_i|>`` up to ``vocab_size - 2`` entries; then
+    :func:`psalm.modeling.llm.load_tokenizer` adds ``[PAD]`` and ``[SEG]`` as the last two rows,
+    as with phi-1_5. Built once into ``directory``. Text tokenises to more tokens than with
+    phi-1_5 (a few hundred merges instead of 50k), so LLM sequences are longer than the real ones.
+    """
+    import pathlib
+
+    from psalm.modeling.tokenizer import build_tiny_tokenizer
+
+    path = pathlib.Path(directory)
+    if not (path / "tokenizer.json").is_file():
+        tok = build_tiny_tokenizer(add_psalm_tokens=False)
+        tok.add_tokens([f"<|unused_{i}|>" for i in range(vocab_size - 2 - len(tok))])
+        if len(tok) != vocab_size - 2:
+            raise RuntimeError(f"stand-in tokenizer has {len(tok)} entries, expected {vocab_size - 2}")
+        path.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(path))
+        logger.warning("built a stand-in tokenizer with %d entries in %s (not phi-1_5's: longer sequences)",
+                       vocab_size, path)
+    return str(path)
+
+
 def _train_dtype(cfg, device: torch.device):
     if device.type == "cuda" and cfg.SOLVER.AMP.ENABLED:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.SOLVER.AMP.PRECISION]
@@ -118,7 +144,11 @@ def _dtype_name(dtype) -> str:
 
 
 def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, iters: int, warmup: int,
-            classes: str = "synthetic", profile_dir: str | None = None) -> dict:
+            classes: str = "synthetic", profile_dir: str | None = None, optimizer_name: str = "adamw") -> dict:
+    """Time ``iters`` inference calls or training steps (``optimizer_name`` ``"adamw"``: forward,
+    backward and an AdamW step; ``"none"``: forward + backward only) of one batch."""
+    if optimizer_name not in ("adamw", "none"):
+        raise ValueError(f"optimizer must be 'adamw' or 'none', got {optimizer_name!r}")
     model, device = predictor.model, predictor.device
     train = mode == "train"
     batch = [make_sample(predictor, task, i, train, classes) for i in range(batch_size)]
@@ -126,13 +156,18 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
         model.train()
         dtype = _train_dtype(predictor.cfg, device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        optimizer = torch.optim.AdamW(params, lr=1e-5) if optimizer_name == "adamw" else None
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
         def step():
             with autocast_context(device, dtype):
                 losses = model(batch)
             loss = sum(v for v in losses.values() if isinstance(v, torch.Tensor) and v.requires_grad)
+            if optimizer is None:  # forward + backward only
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                return
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -145,6 +180,11 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
             predictor.run(batch)
 
     stages = StageTimer(model, list(STAGES), device)
+    seq_lens = []
+    llm_body = dict(model.named_modules()).get("llm.model")
+    hook = None if llm_body is None else llm_body.register_forward_pre_hook(
+        lambda m, a, kw: seq_lens.append(tuple(kw["inputs_embeds"].shape[:2])) if "inputs_embeds" in kw else None,
+        with_kwargs=True)
     with MemoryMeter(device) as mem, profiled(profile_dir, f"{task}_{mode}", device) as prof:
 
         def start():
@@ -155,10 +195,13 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
             times = time_iterations(step, iters, warmup, device, before_timed=start)
         finally:
             stages.__exit__()
+            if hook is not None:
+                hook.remove()
     model.eval()
     stats = latency_stats(times, batch_size)
     return {
         "mode": mode,
+        "optimizer": optimizer_name if train else None,
         "dtype": _dtype_name(dtype),
         "latency_ms_median": stats["latency_ms_median"],
         "latency_ms_mean": stats["latency_ms_mean"],
@@ -166,6 +209,7 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
         # forward time per timed iteration in each stage (gradient checkpointing re-runs count again)
         "stage_s_per_iter": {k: round(v / iters, 4) for k, v in stages.seconds.items()},
         "stage_calls_per_iter": {k: v / iters for k, v in stages.calls.items()},
+        "llm_batch_and_length": list(seq_lens[0]) if seq_lens else None,  # [B, L] of the first LLM call
         **mem.report(),
     }
 
@@ -181,6 +225,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="synthetic",
                    help="category prompt of panoptic/instance/semantic: 'synthetic' or a psalm.data.class_names "
                         "benchmark, e.g. coco_panoptic (133 names)")
+    p.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
+                   help="train mode: 'adamw' (forward, backward, AdamW step) or 'none' (forward + backward only, "
+                        "e.g. a full-size step on a machine without memory for the AdamW states)")
+    p.add_argument("--stand-in-tokenizer", default=None, metavar="DIR",
+                   help="full-size runs without the phi-1_5 tokenizer: build (once) and use a byte-level BPE "
+                        "tokenizer padded with unused tokens to MODEL.PSALM.LLM.VOCAB_SIZE rows in DIR (prompts "
+                        "then tokenise to more tokens than with phi-1_5: sequence lengths are reported)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run the timed iterations under torch.profiler; tables and a trace go to DIR")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
@@ -192,9 +243,11 @@ def get_parser() -> argparse.ArgumentParser:
 def _child(args, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file, "--task", args.task,
            "--mode", mode, "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--classes", args.classes]
+           "--warmup", str(args.warmup), "--classes", args.classes, "--optimizer", args.optimizer]
     if args.profile:
         cmd += ["--profile", args.profile]
+    if args.stand_in_tokenizer:
+        cmd += ["--stand-in-tokenizer", args.stand_in_tokenizer]
     if args.opts:
         cmd += ["--opts", *args.opts]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -218,6 +271,8 @@ def main(argv=None) -> int:
         for mode in modes:
             emit_json(_child(args, mode))
         return 0
+    if args.stand_in_tokenizer:
+        cfg.MODEL.PSALM.TOKENIZER = stand_in_tokenizer(args.stand_in_tokenizer, int(cfg.MODEL.PSALM.LLM.VOCAB_SIZE))
     cfg = ensure_tokenizer(cfg)
     predictor = PSALMPredictor(cfg)
     common = {
@@ -235,7 +290,7 @@ def main(argv=None) -> int:
     }
     for mode in modes:
         emit_json({**common, **measure(predictor, args.task, mode, args.batch_size, args.iters, args.warmup,
-                                       args.classes, args.profile)})
+                                       args.classes, args.profile, args.optimizer)})
     return 0
 
 

@@ -139,7 +139,8 @@ class DemoSession:
                                  "upload a PNG, JPEG, BMP, TIFF or WebP file") from None
 
     def draw_prompts(self, path: Optional[str], prompt_text: str, pending: Optional[Sequence[float]] = None):
-        """The image with the interactive prompts drawn on it (what the user clicks on)."""
+        """The image with the interactive prompts drawn on it (what the user clicks on), at its own size, so
+        that a click's pixel is the image's pixel."""
         image = self.load(path)
         prompt = parse_prompt_lines(prompt_text)
         if pending is not None:
@@ -235,7 +236,7 @@ class DemoSession:
         step(0.8, desc="drawing the overlay")
         shown = demo_cli.filter_instances(prediction, float(threshold or 0.0))
         overlay = demo_cli.draw_prediction(image, shown, task, class_names=prompt.get("classes"), regions=regions,
-                                           sentence=prompt.get("text"))
+                                           sentence=prompt.get("text"), scale=demo_cli.overlay_scale(image.shape[:2]))
         out_dir = tempfile.mkdtemp(prefix="run_", dir=self.output_root)
         stem = os.path.join(out_dir, "result")
         files = demo_cli.write_result_files(stem, shown, task, prompt, regions)

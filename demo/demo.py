@@ -73,6 +73,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--scribble", action="append", metavar="X,Y;X,Y;...", help="interactive: a polyline (repeatable)")
     p.add_argument("--mask", action="append", metavar="PNG", help="interactive: a binary mask PNG (repeatable)")
     p.add_argument("--confidence-threshold", type=float, default=0.0, help="instance: hide detections below it")
+    p.add_argument("--scale", type=float, default=0.0,
+                   help="overlay scale (default 0: auto, a whole factor that makes the longer side >= 320 px)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return p
 
@@ -173,6 +175,14 @@ def output_path(args, in_path: str, n_inputs: int, text: bool = False) -> str:
     return os.path.join(out, os.path.splitext(os.path.basename(in_path))[0] + (".txt" if text else ".png"))
 
 
+def overlay_scale(hw, scale: float = 0.0) -> float:
+    """The overlay's scale: ``scale`` if positive, else the smallest whole factor that makes the longer
+    side at least 320 px (labels stay readable on small images such as the 128 px synthetic ones)."""
+    if scale and scale > 0:
+        return float(scale)
+    return float(max(1, -(-320 // max(hw))))
+
+
 def filter_instances(prediction: dict, threshold: float) -> dict:
     if threshold <= 0 or "instances" not in prediction:
         return prediction
@@ -190,6 +200,7 @@ def run_images(args, predictor: PSALMPredictor) -> None:
         overlay = draw_prediction(
             image, filter_instances(prediction, args.confidence_threshold), args.task,
             class_names=prompt.get("classes"), regions=regions, sentence=prompt.get("text"),
+            scale=overlay_scale(image.shape[:2], args.scale),
         )
         summary = _summary(args.task, prediction)
         logger.info("%s: %s", path, summary)

@@ -8,8 +8,8 @@ import torch
 from .conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny" / "Base-PSALM-tiny.yaml")
-# 128 px keeps the demo tests fast; the tiny config's other sizes are unchanged
-TINY_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128"]
+# 128 px and 16 generated tokens keep the demo tests fast; the tiny config's other sizes are unchanged
+TINY_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "128", "TEST.PSALM.MAX_NEW_TOKENS", "16"]
 
 
 def make_tiny_model_dir(directory, tokenizer_cache, seed: int = 0) -> pathlib.Path:

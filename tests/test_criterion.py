@@ -25,10 +25,13 @@ class FixedMatcher:
         self.indices = [(torch.tensor(s, dtype=torch.long), torch.tensor(t, dtype=torch.long)) for s, t in indices]
         self.calls = []
 
-    def __call__(self, pred_masks, targets, pred_class_logits=None, pred_match_probs=None):
+    def __call__(self, pred_masks, targets, pred_class_logits=None, pred_match_probs=None, sampled_targets=None):
         self.calls.append(pred_class_logits is not None)
         self.probs = pred_match_probs
         return self.indices
+
+    def sample_targets(self, targets, device):
+        return None
 
 
 def _criterion(matcher, cls=SetCriterion, **kw):
@@ -265,3 +268,34 @@ def test_next_token_loss_shift_and_ignore():
     all_ignored = torch.full((1, 4), IGNORE_INDEX)
     zero = next_token_loss(logits.requires_grad_(), all_ignored)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_targets_sampled_once_per_batch_same_losses():
+    """The matcher's points and the GT values there are drawn once per batch (not once per stage); with the
+    same points the losses are bitwise those of matching every stage on its own draw."""
+    g = torch.Generator().manual_seed(0)
+    B, Q, K = 2, 6, 3
+    targets = [
+        {"masks": torch.rand(n, 32, 32, generator=g) > 0.6, "labels": torch.randint(0, K, (n,), generator=g)}
+        for n in (3, 2)
+    ]
+
+    def stage():
+        return {"pred_masks": torch.randn(B, Q, 8, 8, generator=g), "pred_class_logits": torch.randn(B, Q, K + 1, generator=g)}
+
+    outputs = {**stage(), "aux_outputs": [stage(), stage()]}
+    matcher = HungarianMatcher(cost_class=2, cost_mask=5, cost_dice=5, num_points=50)
+    fixed = torch.rand(1, 50, 2, generator=g)
+    draws = []
+    matcher.sample_points = lambda n, device: draws.append(1) or fixed
+    crit = _criterion(matcher, num_points=20)
+    loss_points = torch.rand(1, 20, 2, generator=g)
+    crit.sample_points = lambda src: loss_points.expand(src.shape[0], -1, -1)
+    got = crit(outputs, targets)
+    assert len(draws) == B  # once per image of the batch, shared by the 3 stages
+    num_masks = crit.num_masks(targets, torch.device("cpu"))
+    for suffix, out in (("", outputs), ("_0", outputs["aux_outputs"][0]), ("_1", outputs["aux_outputs"][1])):
+        want = crit._stage_losses(out, targets, "pred_class_logits", num_masks)  # its own draw per stage
+        for name, value in want.items():
+            assert torch.equal(got[name + suffix], value * crit.weight_dict[name]), name + suffix
+    assert len(draws) == B + 3 * B

@@ -19,7 +19,10 @@ number of GT masks in the batch, averaged over processes (all-reduce / world siz
 
 Loss names (no per-task prefix; the batch's task is known to the caller): ``loss_ce``,
 ``loss_mask``, ``loss_dice`` for the last prediction stage, and ``loss_ce_i`` / ``loss_mask_i`` /
-``loss_dice_i`` for auxiliary stage ``i`` (0 = first decoder stage), each stage re-matched. The
+``loss_dice_i`` for auxiliary stage ``i`` (0 = first decoder stage), each stage re-matched. The matcher's
+uniform points and the GT values there are drawn once per batch and shared by the stages' matchings (each GT
+mask is cast and sampled once, not once per stage); the loss points are importance-sampled per stage (they
+depend on that stage's predictions). The
 returned values are ALREADY WEIGHTED (class 2 / mask 5 / dice 5 by default): the total loss is
 ``sum(losses.values())``.
 """
@@ -256,13 +259,20 @@ class SetCriterion(nn.Module):
                 dice_loss(point_logits, point_labels, num_masks))
 
     # ------------------------------------------------------------------ forward
-    def match(self, outputs: Dict, targets: Sequence[Dict], head: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Hungarian indices of one stage: mask cost, plus the class term for category tasks (official)."""
+    def match(
+        self, outputs: Dict, targets: Sequence[Dict], head: str, sampled_targets=None
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Hungarian indices of one stage: mask cost, plus the class term for category tasks (official);
+        ``sampled_targets``: the matcher's ``sample_targets`` of this batch (shared by the stages)."""
         class_logits = outputs.get("pred_class_logits") if head == "pred_class_logits" else None
-        return self.matcher(outputs["pred_masks"], targets, pred_class_logits=class_logits)
+        return self.matcher(
+            outputs["pred_masks"], targets, pred_class_logits=class_logits, sampled_targets=sampled_targets
+        )
 
-    def _stage_losses(self, outputs: Dict, targets: Sequence[Dict], head: str, num_masks: float) -> Dict:
-        indices = self.match(outputs, targets, head)
+    def _stage_losses(
+        self, outputs: Dict, targets: Sequence[Dict], head: str, num_masks: float, sampled_targets=None
+    ) -> Dict:
+        indices = self.match(outputs, targets, head, sampled_targets)
         if head == "pred_class_logits":
             loss_ce = self.loss_class(outputs, targets, indices, num_masks)
         elif head == "pred_refer_logits":
@@ -276,7 +286,12 @@ class SetCriterion(nn.Module):
         head = self.label_head(outputs)
         if len(targets) != outputs["pred_masks"].shape[0]:
             raise ValueError(f"{len(targets)} target dicts for a batch of {outputs['pred_masks'].shape[0]}")
-        num_masks = self.num_masks(targets, outputs["pred_masks"].device)
+        device = outputs["pred_masks"].device
+        num_masks = self.num_masks(targets, device)
+        # once per batch, not once per stage: the GT masks as float on the device, and the matcher's
+        # uniform points with the GT values there (shared by every stage's matching)
+        targets = [{**t, "masks": t["masks"].to(device).float()} for t in targets]
+        sampled_targets = self.matcher.sample_targets(targets, device)
         stages: List[Tuple[str, Dict]] = [("", outputs)]
         if self.deep_supervision:
             stages += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
@@ -284,7 +299,7 @@ class SetCriterion(nn.Module):
         for suffix, stage_outputs in stages:
             if stage_outputs.get(head) is None:
                 raise ValueError(f"auxiliary outputs{suffix} lack {head!r}, which the final outputs have")
-            for name, value in self._stage_losses(stage_outputs, targets, head, num_masks).items():
+            for name, value in self._stage_losses(stage_outputs, targets, head, num_masks, sampled_targets).items():
                 losses[name + suffix] = value * self.weight_dict[name]
         return losses
 

@@ -6,7 +6,8 @@ Mask2Former matcher):
     C[q, n] = MASK_WEIGHT * BCE(q, n) + DICE_WEIGHT * dice(q, n) [+ CLASS_WEIGHT * (-p_q(class_n))]
 
 computed on ``TRAIN_NUM_POINTS`` points drawn uniformly at random (shared by all predictions and
-targets of one image). The class term is used only when class logits are given, i.e. for the
+targets of one image; :meth:`HungarianMatcher.sample_targets` draws them and samples the targets once, so
+that the criterion's deep-supervision stages share them). The class term is used only when class logits are given, i.e. for the
 category tasks (panoptic / instance / semantic); referring and interactive match on masks only.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -101,12 +102,37 @@ class HungarianMatcher(nn.Module):
         return torch.rand(1, num_points, 2, device=device)
 
     @torch.no_grad()
+    def sample_targets(
+        self, targets: Sequence[Dict[str, torch.Tensor]], device: torch.device
+    ) -> List[Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Per image: ``(points [1, P, 2], target values [N_b, P] float32)``, the uniform points of
+        :meth:`sample_points` and the GT masks sampled there (None for an image without targets).
+
+        A caller that matches several predictions of one batch (the criterion's deep-supervision stages)
+        draws them once and passes them to every :meth:`forward` (``sampled_targets``): each GT mask is cast
+        and point-sampled once per batch instead of once per stage."""
+        out = []
+        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+            for t in targets:
+                masks = t["masks"]
+                if masks.shape[0] == 0:
+                    out.append(None)
+                    continue
+                points = self.sample_points(self.num_points, device)
+                tgt = point_sample(
+                    masks.to(device)[:, None].float(), points.expand(masks.shape[0], -1, -1), align_corners=False
+                ).squeeze(1)
+                out.append((points, tgt))
+        return out
+
+    @torch.no_grad()
     def cost_matrix(
         self,
         pred_masks: torch.Tensor,
         target_masks: torch.Tensor,
         pred_class_logits: Optional[torch.Tensor] = None,
         target_labels: Optional[torch.Tensor] = None,
+        sampled: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Matching cost of one image, always computed in float32 with autocast disabled (an fp32 island,
         as Mask2Former's matcher: a bf16 cost matrix changes the assignment).
@@ -116,16 +142,23 @@ class HungarianMatcher(nn.Module):
             target_masks: [N, H, W] (N >= 1) binary masks.
             pred_class_logits: [Q, K+1] or None (no class term).
             target_labels: [N] long class ids in [0, K), required with ``pred_class_logits``.
+            sampled: this image's entry of :meth:`sample_targets` (points and sampled targets), or None
+                to draw new points here.
 
         Returns:
             [Q, N] float32 cost matrix.
         """
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
             num_queries, num_targets = pred_masks.shape[0], target_masks.shape[0]
-            points = self.sample_points(self.num_points, pred_masks.device)
-            tgt = point_sample(
-                target_masks[:, None].float(), points.expand(num_targets, -1, -1), align_corners=False
-            ).squeeze(1)
+            if sampled is None:
+                points = self.sample_points(self.num_points, pred_masks.device)
+                tgt = point_sample(
+                    target_masks[:, None].float(), points.expand(num_targets, -1, -1), align_corners=False
+                ).squeeze(1)
+            else:
+                points, tgt = sampled
+                if tgt.shape[0] != num_targets:
+                    raise ValueError(f"sampled targets hold {tgt.shape[0]} masks, the image has {num_targets}")
             out = point_sample(
                 pred_masks[:, None].float(), points.expand(num_queries, -1, -1), align_corners=False
             ).squeeze(1)
@@ -150,8 +183,10 @@ class HungarianMatcher(nn.Module):
         pred_masks: torch.Tensor,
         targets: Sequence[Dict[str, torch.Tensor]],
         pred_class_logits: Optional[torch.Tensor] = None,
+        sampled_targets: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
     ) -> List[Optional[torch.Tensor]]:
-        """One [Q, N_b] float32 :meth:`cost_matrix` per image (None for an image without targets)."""
+        """One [Q, N_b] float32 :meth:`cost_matrix` per image (None for an image without targets);
+        ``sampled_targets``: :meth:`sample_targets` of these targets (None: new points per image here)."""
         if pred_masks.dim() != 4:
             raise ValueError(f"pred_masks must be [B, Q, h, w], got shape {tuple(pred_masks.shape)}")
         batch_size = pred_masks.shape[0]
@@ -162,6 +197,8 @@ class HungarianMatcher(nn.Module):
                 f"pred_class_logits {tuple(pred_class_logits.shape)} does not match pred_masks "
                 f"{tuple(pred_masks.shape)} in [B, Q]"
             )
+        if sampled_targets is not None and len(sampled_targets) != batch_size:
+            raise ValueError(f"sampled_targets has {len(sampled_targets)} entries for a batch of {batch_size}")
         costs = []
         for b in range(batch_size):
             target_masks = targets[b]["masks"]
@@ -173,6 +210,7 @@ class HungarianMatcher(nn.Module):
                 target_masks.to(pred_masks.device),
                 None if pred_class_logits is None else pred_class_logits[b],
                 targets[b].get("labels"),
+                None if sampled_targets is None else sampled_targets[b],
             ))
         return costs
 
@@ -197,9 +235,12 @@ class HungarianMatcher(nn.Module):
         pred_masks: torch.Tensor,
         targets: Sequence[Dict[str, torch.Tensor]],
         pred_class_logits: Optional[torch.Tensor] = None,
+        sampled_targets: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Match every image of the batch; see the class docstring for shapes."""
-        return [self.assign(cost) for cost in self.cost_matrices(pred_masks, targets, pred_class_logits)]
+        """Match every image of the batch; see the class docstring for shapes (``sampled_targets``:
+        :meth:`sample_targets`, shared by several calls on one batch)."""
+        costs = self.cost_matrices(pred_masks, targets, pred_class_logits, sampled_targets)
+        return [self.assign(cost) for cost in costs]
 
     def extra_repr(self) -> str:
         return (

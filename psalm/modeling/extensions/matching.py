@@ -30,10 +30,11 @@ class ScoreMatchingHungarianMatcher(HungarianMatcher):
         targets: Sequence[Dict[str, torch.Tensor]],
         pred_class_logits: Optional[torch.Tensor] = None,
         pred_match_probs: Optional[Sequence[torch.Tensor]] = None,
+        sampled_targets=None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """As :meth:`HungarianMatcher.forward`; ``pred_match_probs``: one [Q, N_b] tensor per image, the
         probabilities that query q is target n, added as ``-cost_class * prob`` (None: the official cost)."""
-        costs = self.cost_matrices(pred_masks, targets, pred_class_logits)
+        costs = self.cost_matrices(pred_masks, targets, pred_class_logits, sampled_targets)
         if pred_match_probs is not None:
             if len(pred_match_probs) != len(costs):
                 raise ValueError(f"pred_match_probs has {len(pred_match_probs)} entries for {len(costs)} images")
@@ -65,9 +66,11 @@ class ScoreMatchingSetCriterion(SetCriterion):
     def from_config(cls, cfg):
         return {**super().from_config(cfg), "matcher": ScoreMatchingHungarianMatcher(cfg)}
 
-    def match(self, outputs: Dict, targets: Sequence[Dict], head: str) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def match(
+        self, outputs: Dict, targets: Sequence[Dict], head: str, sampled_targets=None
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         class_logits = outputs.get("pred_class_logits") if head == "pred_class_logits" else None
         return self.matcher(
             outputs["pred_masks"], targets, pred_class_logits=class_logits,
-            pred_match_probs=match_probs(outputs, targets, head),
+            pred_match_probs=match_probs(outputs, targets, head), sampled_targets=sampled_targets,
         )

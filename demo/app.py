@@ -370,7 +370,7 @@ def build_app(session: DemoSession, *, classes: Sequence[str] = (), stuff: Seque
                 upload = gr.File(label="Image (upload, or pick an example below)", file_types=["image"],
                                  type="filepath", elem_id="psalm-upload")
                 canvas = gr.Image(label="Click here to add interactive prompts", type="numpy", interactive=False,
-                                  elem_id="psalm-canvas", buttons=[])
+                                  elem_id="psalm-canvas", buttons=[], height=360)  # small images shown larger
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Examples")
             with gr.Column():

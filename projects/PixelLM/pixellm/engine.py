@@ -54,6 +54,21 @@ def _model_image_size(model_dir) -> int:
     return int(load_spec(model_dir)["vision"]["image_size"])
 
 
+def _training_items(dicts: list, name: str) -> list:
+    """Training items of a data set: multi-target dicts (MUSE format) and LLaVA conversations as
+    they are; referring records grouped per image (converted to multi-target questions by the mapper
+    at every draw, with the draw's RNG, as the official conversion)."""
+    if not dicts or "questions" in dicts[0] or "conversations" in dicts[0]:
+        return dicts
+    if "sentences" in dicts[0] and "annotations" in dicts[0]:
+        by_image: dict = {}
+        for d in dicts:
+            by_image.setdefault(d["file_name"], []).append(d)
+        return list(by_image.values())
+    raise ValueError(f"data set {name!r}: PixelLM trains on MUSE-format, referring or LLaVA-conversation dicts "
+                     f"(got keys {sorted(dicts[0])})")
+
+
 class PixelLMTrainer(PSALMTrainer):
     @classmethod
     def build_model(cls, cfg):
@@ -87,7 +102,7 @@ class PixelLMTrainer(PSALMTrainer):
         tokenizer = load_pixellm_tokenizer(cfg.MODEL.PIXELLM.TOKENIZER or cfg.MODEL.PIXELLM.MODEL_DIR)
         names = list(cfg.DATASETS.TRAIN)
         ratios = list(cfg.DATASETS.TRAIN_RATIOS) or [1.0] * len(names)
-        datasets = [DatasetCatalog.get(n) for n in names]
+        datasets = [_training_items(DatasetCatalog.get(n), n) for n in names]
         from detectron2.utils import comm
 
         ims = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()

@@ -397,3 +397,40 @@ def test_multi_target_conversion_from_referring():
     assert len(set(names)) == len(names)  # a target is asked once
     for q, ts in zip(out[0]["questions"], out[0]["targets"]):
         assert all(t["name"] in q for t in ts)
+
+
+def test_gradient_checkpointing_with_lora(tok_dir):
+    from pixellm.modeling.meta_arch import PixelLM
+
+    torch.manual_seed(2)
+    m = PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.LLM.GRADIENT_CHECKPOINTING", "True")).train()
+    assert m.causal_lm().is_gradient_checkpointing
+    x = _image_input(m, "Can you segment a?", f"a is {GROUP}.")
+    x["gt_masks"] = torch.rand(1, 40, 30) > 0.5
+    sum(m.losses([x]).values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "lora_B" in n)
+
+
+def test_mapper_vqa_and_referring_items(model, tmp_path):
+    from PIL import Image
+
+    from pixellm.data.mapper import PixelLMDatasetMapper
+    from psalm.data.visual_prompts import encode_rle
+
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    m = PixelLMDatasetMapper(model.tokenizer, 56)
+    vqa = {"file_name": str(tmp_path / "a.png"), "height": 20, "width": 24,
+           "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A wall."},
+                             {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]}
+    x = m(vqa)
+    ids, labels = x["input_ids"][0], x["labels"][0]
+    sup = model.tokenizer.decode(ids[labels != -100])
+    assert "A wall." in sup and "Grey." in sup and "What is it" not in sup and "Colour" not in sup
+    assert x["gt_masks"].shape == (0, 20, 24)
+    mask = np.zeros((20, 24), bool)
+    mask[1:5, 1:5] = True
+    refs = [{"file_name": str(tmp_path / "a.png"), "height": 20, "width": 24, "sentences": [f"thing {i}"],
+             "annotations": [{"segmentation": encode_rle(mask)}]} for i in range(3)]
+    y = m(refs, np.random.default_rng(1))
+    groups = sum(int((i == model.codebook_ids[0]).sum()) for i in y["input_ids"])
+    assert groups == y["gt_masks"].shape[0] >= 1

@@ -63,7 +63,16 @@ class PixelLMDatasetMapper:
         self.norm = {} if pixel_mean is None else {"pixel_mean": tuple(pixel_mean), "pixel_std": tuple(pixel_std)}
         self.num_dropped = 0
 
-    def __call__(self, d: dict, rng: np.random.Generator | None = None) -> dict | None:
+    def __call__(self, d, rng: np.random.Generator | None = None) -> dict | None:
+        if isinstance(d, list):  # the referring records of one image -> a multi-target dict
+            from .muse import multi_target_from_referring
+
+            converted = multi_target_from_referring(d, rng if rng is not None else np.random.default_rng(0))
+            if not converted:
+                return None
+            d = converted[0]
+        if "questions" not in d and "conversations" in d:
+            return self._vqa(d)
         image = read_image_rgb(d["file_name"])
         h, w = image.shape[:2]
         if (h, w) != (int(d["height"]), int(d["width"])):
@@ -95,3 +104,23 @@ class PixelLMDatasetMapper:
             out["prompt_ids"] = prompts
             out["answers_given"] = True
         return out
+
+    def _vqa(self, d: dict) -> dict | None:
+        """A LLaVA conversation (psalm's ``conversations`` dicts): CE only, no targets."""
+        from .prompt import tokenize_multi_round
+
+        image = read_image_rgb(d["file_name"])
+        clip_image, clip_size = preprocess_clip_image(image, self.image_size, **self.norm)
+        turns = d["conversations"]
+        rounds = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)
+                  if turns[i]["from"] == "human" and turns[i + 1]["from"] == "gpt"]
+        if not rounds or IMAGE_TOKEN not in rounds[0][0]:
+            raise ValueError(f"{d['file_name']}: a LLaVA conversation needs human/gpt turns with <image> in the first")
+        ids, labels = tokenize_multi_round(self.tokenizer, rounds, eos_token=self.eos)
+        if self.max_length and len(ids) > self.max_length:
+            self.num_dropped += 1
+            return None
+        h, w = image.shape[:2]
+        return {"clip_image": clip_image, "clip_size": clip_size, "height": h, "width": w, "input_ids": [ids],
+                "labels": [labels], "gt_masks": torch.zeros(0, h, w, dtype=torch.bool), "target_names": [[]],
+                "file_name": d["file_name"], "image_id": d.get("image_id")}

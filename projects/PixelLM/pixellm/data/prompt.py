@@ -16,7 +16,7 @@ import torch
 from psalm.modeling.criterion import IGNORE_INDEX
 
 __all__ = ["SYSTEM", "IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "codebook_group", "build_conversation", "split_answer_prompt",
-           "tokenizer_image_token", "tokenize_conversation", "REFER_QUESTION", "MULTI_REFER_QUESTION"]
+           "tokenizer_image_token", "tokenize_conversation", "tokenize_multi_round", "REFER_QUESTION", "MULTI_REFER_QUESTION"]
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")
@@ -65,6 +65,25 @@ def tokenizer_image_token(text: str, tokenizer) -> torch.Tensor:
             ids.append(IMAGE_TOKEN_INDEX)
         ids.extend(c)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenize_multi_round(tokenizer, rounds, eos_token: str = "</s>", im_start_end: bool = True):
+    """LLaVA-style multi-round chat (VQA data): ``rounds`` = [(question, answer), ...], the first
+    question holding ``<image>``. Text ``"{SYSTEM} USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"``
+    (llava_v1 separators); only the answers (and their ``</s>``) are supervised."""
+    text = build_conversation(rounds[0][0], rounds[0][1], im_start_end, eos_token)
+    bounds = [(len(split_answer_prompt(text)), len(text))]
+    for q, a in rounds[1:]:
+        start = len(text) + len("USER: ") + len(q) + len(ASSISTANT)
+        text += f"USER: {q}{ASSISTANT} {a}{eos_token}"
+        bounds.append((start, len(text)))
+    ids = tokenizer_image_token(text, tokenizer)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for instr_end, ans_end in bounds:
+        a = len(tokenizer_image_token(text[:instr_end], tokenizer))
+        b = len(tokenizer_image_token(text[:ans_end], tokenizer))
+        labels[a:b] = ids[a:b]
+    return ids, labels
 
 
 def tokenize_conversation(tokenizer, conversation: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,7 @@ def test_long_class_list_runs_in_chunks(model, task):
         assert out["sem_seg"].shape == (k, 96, 128)
     inst = out["instances"]
     assert 0 < len(inst) <= 25 and inst.pred_classes.max() < k
-    assert torch.all(inst.scores[:-1] >= 0) and inst.pred_masks.shape[1:] == (96, 128)
+    assert float(inst.scores.min()) >= 0 and inst.pred_masks.shape[1:] == (96, 128)
     inp["detections_per_image"] = 40  # per data set (LVIS: 300, from its metadata)
     assert len(model([inp])[0]["instances"]) == 40 if task == "instance" else True
 
@@ -135,3 +135,39 @@ def test_training_samples_a_class_subset_with_the_positives(tokenizer_dir, tmp_p
     out = PSALMDatasetMapper(cfg, is_train=True, class_names=NAMES[:3], class_budget=budget)(
         {**d, "annotations": [dict(anns[0], category_id=2)]}, rng=np.random.default_rng(0))
     assert out["class_names"] == NAMES[:3] and "class_ids" not in out
+
+
+@pytest.mark.slow  # ~3 min on the shared CPUs: the 1203 names make many 2048-id chunks
+def test_lvis_vocabulary_runs_in_training_and_inference(tokenizer_dir, tmp_path):
+    """The registered LVIS label space (1203 names) with the default 2048-id context: inference in class
+    chunks (300 detections per image from the metadata), training with a subset of the names."""
+    from PIL import Image
+
+    from psalm.data.datasets.lvis import lvis_metadata
+    from psalm.data.mapper import PSALMDatasetMapper
+    from psalm.data.visual_prompts import encode_rle
+
+    meta = lvis_metadata()
+    names = meta["prompt_class_names"]
+    assert len(names) == 1203 and meta["detections_per_image"] == 300
+    cfg = _cfg(tokenizer_dir, "MODEL.PSALM.MODEL_MAX_LENGTH", 2048)
+    torch.manual_seed(0)
+    model = build_psalm_model(cfg).eval()
+    budget = model_class_budget(model, S)
+    assert budget.spliced_length(names) > 2048 and len(budget.chunks(names)) > 1
+    inp = dict(_input("instance", names), detections_per_image=300)
+    inst = model([inp])[0]["instances"]
+    assert len(inst) == 300 and int(inst.pred_classes.max()) < 1203
+    assert float(inst.scores.min()) >= 0 and inst.pred_masks.shape[1:] == (96, 128)
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((48, 64), bool)
+    m[5:20, 5:20] = True
+    d = {"file_name": str(tmp_path / "a.png"), "height": 48, "width": 64, "task": "instance",
+         "annotations": [{"id": 0, "segmentation": encode_rle(m), "category_id": 1000, "iscrowd": 0}]}
+    out = PSALMDatasetMapper(cfg, is_train=True, class_names=names, class_budget=LazyClassBudget(cfg))(
+        d, rng=np.random.default_rng(0))
+    assert 1000 in out["class_ids"] and budget.fits(out["class_names"]) and 10 < len(out["class_names"]) < 1203
+    losses = model.train()([out])
+    model.eval()
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -77,7 +77,10 @@ def test_demo_readme_paths_are_what_the_converter_writes():
     out = re.search(r"tools/convert_official\.py --release \S+ --output (\S+)", zoo).group(1)
     name = inspect.signature(convert_official_release).parameters["checkpoint_name"].default
     demo = (repo / "demo" / "README.md").read_text()
-    weights = set(re.findall(r"MODEL\.WEIGHTS (\S+\.pth)", demo))
-    tokenizers = set(re.findall(r"MODEL\.PSALM\.TOKENIZER (\S+)", demo))
+    # the paper-model commands (paths under checkpoints/; placeholders such as W.pth / TOK are not paths)
+    weights = set(re.findall(r"MODEL\.WEIGHTS (checkpoints/\S+)", demo))
+    tokenizers = set(re.findall(r"MODEL\.PSALM\.TOKENIZER (checkpoints/\S+)", demo))
+    models = set(re.findall(r"--model (checkpoints/\S+)", demo))
     assert weights == {f"{out}/{name}"}, weights
     assert tokenizers == {out}, tokenizers  # the converter copies the release's tokenizer into --output
+    assert models <= {out}, models  # a model directory: the converter's output

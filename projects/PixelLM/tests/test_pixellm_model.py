@@ -434,3 +434,19 @@ def test_mapper_vqa_and_referring_items(model, tmp_path):
     y = m(refs, np.random.default_rng(1))
     groups = sum(int((i == model.codebook_ids[0]).sum()) for i in y["input_ids"])
     assert groups == y["gt_masks"].shape[0] >= 1
+
+
+def test_bf16_inference(tok_dir):
+    from pixellm.modeling.generation import generate
+    from pixellm.modeling.meta_arch import PixelLM
+
+    torch.manual_seed(3)
+    m = PixelLM(_cfg(tok_dir)).eval()
+    x = _image_input(m, "Can you segment a?", f"a is {GROUP}.")
+    with torch.no_grad():
+        ref = m.forward_teacher_forced([x])["pred_masks"][0]
+        m = m.to(torch.bfloat16)
+        out = m.forward_teacher_forced([x])["pred_masks"][0]
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() < 0.25 * ref.abs().max() + 0.1
+    assert len(generate(m, [dict(x, input_ids=[x["input_ids"][0][:-8]])], max_new_tokens=2)[0]["answers"]) == 1

@@ -31,6 +31,7 @@ VAL_SETS = {
     "refcoco_unc_val": "referring",
     "refcoco_unc_val_per_ref": "referring",
     "grefcoco_val": "gres",
+    "grefcoco_val_per_ref": "gres",
 }
 
 

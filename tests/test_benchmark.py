@@ -68,3 +68,19 @@ def test_benchmark_deform_attn_json_lines(capsys):
         if r["impl"] == "pytorch":
             diff = r["max_abs_diff_vs_kernel"]
             assert (diff is None) if impls == ("pytorch",) else (0 <= diff < 1e-4)
+
+
+def test_benchmark_lm_loss_json_lines(capsys):
+    """In-process: both implementations are timed and give the same loss; logits sizes from the shapes."""
+    spec = importlib.util.spec_from_file_location("psalm_bench_lm", REPO_ROOT / "tools" / "benchmark_lm_loss.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--config-file", TINY, "--batch-size", "2", "--length", "30", "--targets", "5",
+                      "--iters", "1", "--warmup", "0"]) == 0
+    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [r["impl"] for r in records] == ["full_logits", "targets_only"]
+    full, ours = records
+    V = full["vocab_size"]
+    assert full["logits_bytes"] == 2 * 30 * V * 4 and ours["logits_bytes"] == 2 * 5 * V * 4
+    assert abs(full["loss"] - ours["loss"]) <= 1e-5 * abs(full["loss"])
+    assert full["latency_ms_median"] > 0 and ours["latency_ms_median"] > 0

@@ -16,12 +16,13 @@ def add_pixel_sail_config(cfg):
     ps.TOKENIZER = ""
 
     ps.LLM = CN()
-    # "pretrained": weights from LLM.NAME_OR_PATH (a local HF Qwen2 / Qwen2.5 directory; its config.json
-    # sets the dimensions below and a disagreeing value here is an error); "random": from scratch with the
-    # dimensions below (tiny configs, tests). There is no silent fallback from one to the other.
+    # "pretrained": weights from LLM.NAME_OR_PATH (a local HF Qwen2 / Qwen2.5 directory; every value below
+    # must agree with its config.json, a disagreeing one is an error); "random": from scratch with the
+    # values below (tiny configs, tests). There is no silent fallback from one to the other.
     ps.LLM.INIT = "pretrained"
     ps.LLM.NAME_OR_PATH = ""
-    # Qwen2.5-0.5B dimensions (random init only; VOCAB_SIZE 0 = the extended tokenizer's size)
+    # Qwen2.5-0.5B (VOCAB_SIZE 0 = the extended tokenizer's size, random init only; pretrained: the
+    # directory's vocabulary, grown to the extended tokenizer)
     ps.LLM.VOCAB_SIZE = 151936
     ps.LLM.HIDDEN_SIZE = 896
     ps.LLM.INTERMEDIATE_SIZE = 4864

@@ -47,9 +47,14 @@ def qwen2_config_from_cfg(cfg, vocab_size: int):
                 f"config.json (got {c.NAME_OR_PATH!r}); set INIT='random' to train from scratch")
         with open(path) as f:
             hf = json.load(f)
-        for k, v in dims.items():
-            if hf.get(k) != v:
+        theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
+        checks = dict(dims, rms_norm_eps=c.RMS_NORM_EPS, max_position_embeddings=c.MAX_POSITION_EMBEDDINGS,
+                      tie_word_embeddings=c.TIE_WORD_EMBEDDINGS, vocab_size=c.VOCAB_SIZE or hf.get("vocab_size"))
+        for k, v in checks.items():
+            if k in hf and hf[k] != v:
                 raise ValueError(f"MODEL.PIXEL_SAIL.LLM.{k.upper()}={v} but {path} has {k}={hf.get(k)}")
+        if theta is not None and float(theta) != float(c.ROPE_THETA):
+            raise ValueError(f"MODEL.PIXEL_SAIL.LLM.ROPE_THETA={c.ROPE_THETA} but {path} has rope_theta={theta}")
         config = Qwen2Config.from_pretrained(c.NAME_OR_PATH, local_files_only=True)
         # the embeddings are resized to the extended tokenizer after loading (build_qwen2_mrope)
     elif c.INIT == "random":

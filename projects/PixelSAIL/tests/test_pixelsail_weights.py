@@ -87,7 +87,9 @@ def test_llm_init_from_local_qwen2_dir(tiny_cfg, tiny_tokenizer_dir, tmp_path):
     base_tok.save_pretrained(tmp_path / "qwen")
     cfg = tiny_cfg.clone()
     cfg.merge_from_list(["MODEL.PIXEL_SAIL.LLM.INIT", "pretrained", "MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH", str(tmp_path / "qwen"),
-                         "MODEL.PIXEL_SAIL.TOKENIZER", ""])
+                         "MODEL.PIXEL_SAIL.TOKENIZER", "", "MODEL.PIXEL_SAIL.LLM.MAX_POSITION_EMBEDDINGS",
+                         hf.config.max_position_embeddings, "MODEL.PIXEL_SAIL.LLM.RMS_NORM_EPS", hf.config.rms_norm_eps,
+                         "MODEL.PIXEL_SAIL.LLM.ROPE_THETA", float(hf.config.rope_parameters["rope_theta"])])
     model = PixelSAIL(cfg)
     vocab = model.tokenizer.get_vocab()
     assert all(t in vocab for t in official_special_tokens(cfg.MODEL.PIXEL_SAIL.NUM_VISUAL_PROMPTS))
@@ -96,10 +98,12 @@ def test_llm_init_from_local_qwen2_dir(tiny_cfg, tiny_tokenizer_dir, tmp_path):
     torch.testing.assert_close(model.llm.get_input_embeddings().weight[:n], hf.get_input_embeddings().weight)
     torch.testing.assert_close(model.llm.model.layers[1].mlp.down_proj.weight, hf.model.layers[1].mlp.down_proj.weight)
     assert model.llm.model.rotary_emb.mrope_section == [0, 4, 4]
-    bad = cfg.clone()
-    bad.merge_from_list(["MODEL.PIXEL_SAIL.LLM.NUM_HIDDEN_LAYERS", 3])
-    with pytest.raises(ValueError, match="num_hidden_layers"):
-        PixelSAIL(bad)
+    for key, value, match in (("NUM_HIDDEN_LAYERS", 3, "num_hidden_layers"), ("ROPE_THETA", 123.0, "rope_theta"),
+                              ("TIE_WORD_EMBEDDINGS", False, "tie_word_embeddings")):
+        bad = cfg.clone()
+        bad.merge_from_list([f"MODEL.PIXEL_SAIL.LLM.{key}", value])
+        with pytest.raises(ValueError, match=match):
+            PixelSAIL(bad)
     nodir = cfg.clone()
     nodir.merge_from_list(["MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH", str(tmp_path / "missing"),
                            "MODEL.PIXEL_SAIL.TOKENIZER", tiny_tokenizer_dir])

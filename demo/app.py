@@ -139,21 +139,26 @@ class DemoSession:
                                  "upload a PNG, JPEG, BMP, TIFF or WebP file") from None
 
     def draw_prompts(self, path: Optional[str], prompt_text: str, pending: Optional[Sequence[float]] = None):
-        """The image with the interactive prompts drawn on it (what the user clicks on), at its own size, so
-        that a click's pixel is the image's pixel."""
+        """The image with the interactive prompts drawn on it (what the user clicks on), enlarged by the
+        whole factor :meth:`canvas_scale` (a click at canvas pixel p is image pixel p / factor)."""
         image = self.load(path)
+        scale = int(demo_cli.overlay_scale(image.shape[:2]))
         prompt = parse_prompt_lines(prompt_text)
         if pending is not None:
             prompt.setdefault("points", []).append(list(pending))
         if not prompt:
-            return image
+            return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
         import torch
         from detectron2.structures import Instances
 
         regions = demo_cli.parse_visual_prompts(image.shape[:2], **prompt)
         none = Instances(image.shape[:2], pred_masks=torch.zeros((0, *image.shape[:2]), dtype=torch.bool),
                          scores=torch.zeros(0))  # no masks yet: only the prompts are drawn
-        return demo_cli.draw_prediction(image, {"instances": none}, "interactive", regions=regions)
+        return demo_cli.draw_prediction(image, {"instances": none}, "interactive", regions=regions, scale=scale)
+
+    def canvas_scale(self, path: Optional[str]) -> int:
+        """The whole factor by which :meth:`draw_prompts` enlarges this image (small images are shown larger)."""
+        return int(demo_cli.overlay_scale(self.load(path).shape[:2]))
 
     # ---------------------------------------------------------------- clicks
     @staticmethod
@@ -307,7 +312,8 @@ def build_app(session: DemoSession, *, classes: Sequence[str] = (), stuff: Seque
 
     def on_click(path, prompt_text, state, mode, evt: gr.SelectData):
         try:
-            x, y = evt.index[0], evt.index[1]
+            scale = session.canvas_scale(path)  # canvas pixels -> image pixels
+            x, y = evt.index[0] / scale, evt.index[1] / scale
             prompt_text, state = session.add_click(prompt_text, state, mode, x, y)
             canvas = session.draw_prompts(path, prompt_text, state.get("corner"))
             msg = "First box corner set: click the opposite corner." if state.get("corner") else \
@@ -370,7 +376,7 @@ def build_app(session: DemoSession, *, classes: Sequence[str] = (), stuff: Seque
                 upload = gr.File(label="Image (upload, or pick an example below)", file_types=["image"],
                                  type="filepath", elem_id="psalm-upload")
                 canvas = gr.Image(label="Click here to add interactive prompts", type="numpy", interactive=False,
-                                  elem_id="psalm-canvas", buttons=[], height=360)  # small images shown larger
+                                  elem_id="psalm-canvas", buttons=[])
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Examples")
             with gr.Column():

@@ -58,13 +58,20 @@ def test_clicks_make_points_boxes_and_scribbles(app):
         app.parse_prompt_lines("box 1,2")
 
 
-def test_canvas_shows_the_prompts(session):
+def test_canvas_shows_the_prompts(session, tmp_path):
     plain = session.draw_prompts(SAMPLE, "")
     drawn = session.draw_prompts(SAMPLE, "point 100,100\nbox 10,10,200,150", pending=[300, 200])
     assert plain.shape == drawn.shape == (320, 480, 3)
     changed = np.any(plain != drawn, axis=2)
     assert changed[100, 100] and changed[200, 300] and changed[10, 100]  # point, pending corner, box edge
     assert not changed[300, 450]
+    # a small image is shown enlarged by a whole factor; the prompts stay at their image pixels
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((100, 128, 3), 90, np.uint8)).save(small)
+    assert session.canvas_scale(str(small)) == 3
+    plain, drawn = session.draw_prompts(str(small), ""), session.draw_prompts(str(small), "point 20,30")
+    assert plain.shape == drawn.shape == (300, 384, 3)
+    assert np.any(plain[90, 60] != drawn[90, 60]) and np.all(plain[270, 350] == drawn[270, 350])
 
 
 @pytest.mark.parametrize("task,fields,n_check", [

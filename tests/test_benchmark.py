@@ -43,7 +43,8 @@ def test_benchmark_model_json_lines(psalm_cache):
         assert set(r["stage_s_per_iter"]) == {"backbone", "pixel_decoder", "projector", "llm.model", "predictor"}
         assert all(v > 0 for v in r["stage_s_per_iter"].values())
         assert r["stage_calls_per_iter"]["backbone"] == 1 and r["stage_calls_per_iter"]["llm.model"] == 1
-        assert r["llm_batch_and_length"][0] == 1 and r["llm_batch_and_length"][1] > 256  # 256 image tokens + text
+        # (S / 64)^2 image tokens (16 for the tiny 256 x 256 input) + the prompt text
+        assert r["llm_batch_and_length"][0] == 1 and r["llm_batch_and_length"][1] > (r["image_size"] // 64) ** 2
 
 
 def test_benchmark_deform_attn_json_lines(capsys):

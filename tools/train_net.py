@@ -31,7 +31,6 @@ from exactly one source; a frozen part left random is an error unless ``MODEL.PS
 gloo backend. Under ``torchrun`` the process group comes from the environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``) and ``--num-gpus`` / ``--num-machines`` are ignored.
 """
-import json
 import logging
 import os
 import sys
@@ -44,7 +43,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from psalm.config import get_psalm_cfg  # noqa: E402
 from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
-from psalm.engine.evaluation import ALLOW_MISSING_FLAG, load_weights_for_evaluation  # noqa: E402
+from psalm.engine.evaluation import ALLOW_MISSING_FLAG, load_weights_for_evaluation, write_results  # noqa: E402
 from psalm.model_dir import apply_model_dir_weights, save_tokenizer_to  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.train_net")
@@ -70,13 +69,6 @@ def setup(args):
     return cfg
 
 
-def _write_results(cfg, results) -> None:
-    if results and comm.is_main_process():
-        path = os.path.join(cfg.OUTPUT_DIR, "results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        logger.info("Evaluation results written to %s", path)
-
 
 def main(args):
     cfg = setup(args)
@@ -87,12 +79,12 @@ def main(args):
         # an empty path or a checkpoint that leaves tensors missing is an error unless --allow-missing-keys
         load_weights_for_evaluation(model, path, allow_missing=args.allow_missing_keys)
         results = PSALMTrainer.test(cfg, model)
-        _write_results(cfg, results)
+        write_results(cfg, results)
         return results
     trainer = PSALMTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
-    _write_results(cfg, results)
+    write_results(cfg, results)
     return results
 
 

@@ -14,7 +14,6 @@ Examples::
     python projects/PixelLM/train_net.py --config-file ... --eval-only MODEL.PIXELLM.MODEL_DIR models/pixellm-7b \\
         DATASETS.TEST '("pixellm_muse_val",)'
 """
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from detectron2.engine import default_argument_parser, default_setup  # noqa: E4
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from psalm.engine.evaluation import write_results  # noqa: E402
 from psalm.engine import launch, resolve_device  # noqa: E402
 
 from pixellm import get_pixellm_cfg  # noqa: E402
@@ -46,13 +46,6 @@ def setup(args):
     return cfg
 
 
-def _write_results(cfg, results) -> None:
-    if results and comm.is_main_process():
-        path = os.path.join(cfg.OUTPUT_DIR, "results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        logger.info("Evaluation results written to %s", path)
-
 
 def main(args):
     cfg = setup(args)
@@ -60,12 +53,12 @@ def main(args):
         model = PixelLMTrainer.build_model(cfg)
         PixelLMTrainer.initialize_weights(cfg, model)
         results = PixelLMTrainer.test(cfg, model)
-        _write_results(cfg, results)
+        write_results(cfg, results)
         return results
     trainer = PixelLMTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
-    _write_results(cfg, results)
+    write_results(cfg, results)
     return results
 
 

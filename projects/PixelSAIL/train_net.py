@@ -12,7 +12,6 @@ Examples::
     # 8 GPUs, resume
     python projects/PixelSAIL/train_net.py --config-file ... --num-gpus 8 --resume
 """
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from detectron2.engine import default_argument_parser, default_setup  # noqa: E4
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from psalm.engine.evaluation import write_results  # noqa: E402
 from psalm.engine import PSALMCheckpointer, launch, resolve_device  # noqa: E402
 from psalm.engine.checkpoint import load_model_weights  # noqa: E402
 
@@ -55,13 +55,6 @@ def setup(args):
     return cfg
 
 
-def _write_results(cfg, results) -> None:
-    if results and comm.is_main_process():
-        path = os.path.join(cfg.OUTPUT_DIR, "results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        logger.info("Evaluation results written to %s", path)
-
 
 def main(args):
     cfg = setup(args)
@@ -73,12 +66,12 @@ def main(args):
             raise ValueError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
         load_model_weights(model, path)
         results = PixelSAILTrainer.test(cfg, model)
-        _write_results(cfg, results)
+        write_results(cfg, results)
         return results
     trainer = PixelSAILTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
-    _write_results(cfg, results)
+    write_results(cfg, results)
     return results
 
 

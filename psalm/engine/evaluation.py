@@ -37,11 +37,27 @@ __all__ = [
     "evaluate_datasets",
     "load_weights_for_evaluation",
     "ALLOW_MISSING_FLAG",
+    "write_results",
 ]
 
 logger = logging.getLogger(__name__)
 
 ALLOW_MISSING_FLAG = "--allow-missing-keys"
+
+
+def write_results(cfg, results) -> Optional[str]:
+    """Write ``results`` (the evaluators' nested dict) to ``OUTPUT_DIR/results.json`` on the main process,
+    atomically; returns the path (``None`` on other ranks or without results). Every ``train_net`` uses it."""
+    if not results or not comm.is_main_process():
+        return None
+    import json
+
+    from .checkpoint import atomic_write_text
+
+    path = os.path.join(cfg.OUTPUT_DIR, "results.json")
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True))
+    logger.info("Evaluation results written to %s", path)
+    return path
 
 
 def _trivial_batch_collator(batch):

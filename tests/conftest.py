@@ -1,4 +1,5 @@
 """Shared test fixtures. Every test runs on CPU with tiny configs and random weights."""
+import logging
 import os
 import pathlib
 
@@ -21,3 +22,19 @@ def golden_dir():
             raise FileNotFoundError(f"golden reference data missing at {GOLDEN_DIR} (set PSALM_GOLDEN_DIR)")
         pytest.skip(f"golden reference data not found at {GOLDEN_DIR}; set PSALM_GOLDEN_DIR")
     return GOLDEN_DIR
+
+
+@pytest.fixture
+def restore_psalm_loggers():
+    """Undo what a tool's detectron2 ``setup_logger`` did to the 'psalm' / 'detectron2' loggers (handlers,
+    propagation, level), so one test's tool run does not change another test's logging."""
+    names = ("psalm", "detectron2")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
+             for n in names}
+    yield
+    for n, (handlers, propagate, level) in saved.items():
+        lg = logging.getLogger(n)
+        for h in lg.handlers:
+            if h not in handlers:
+                lg.removeHandler(h)
+        lg.propagate, lg.level = propagate, level

@@ -2,7 +2,6 @@
 with the tiny model (random weights saved and re-loaded through MODEL.WEIGHTS)."""
 import importlib.util
 import json
-import logging
 import math
 import os
 
@@ -116,18 +115,8 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def restore_loggers():
-    """The tool configures the 'psalm' / 'detectron2' loggers (detectron2 setup_logger); undo it."""
-    names = ("psalm", "detectron2")
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
-             for n in names}
-    yield
-    for n, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(n)
-        for h in lg.handlers:
-            if h not in handlers:
-                lg.removeHandler(h)
-        lg.propagate, lg.level = propagate, level
+def _restore_loggers(restore_psalm_loggers):
+    """The tools configure the 'psalm' / 'detectron2' loggers; undone after each test (tests/conftest.py)."""
 
 
 def run_tool(env, task, dataset, out, *extra):

@@ -7,7 +7,6 @@ tools/eval_zero_shot.py. The tree also has what real files have and the syntheti
 degenerate polygons and images without annotations."""
 import importlib.util
 import json
-import logging
 import math
 import os
 import shutil
@@ -67,17 +66,8 @@ def _public_tree(root):
 
 
 @pytest.fixture(autouse=True)
-def restore_loggers():
-    names = ("psalm", "detectron2")
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
-             for n in names}
-    yield
-    for n, (handlers, propagate, level) in saved.items():
-        lg = logging.getLogger(n)
-        for h in lg.handlers:
-            if h not in handlers:
-                lg.removeHandler(h)
-        lg.propagate, lg.level = propagate, level
+def _restore_loggers(restore_psalm_loggers):
+    """The tools configure the 'psalm' / 'detectron2' loggers; undone after each test (tests/conftest.py)."""
 
 
 def _finite_metrics(res):

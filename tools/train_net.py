@@ -69,7 +69,6 @@ def setup(args):
     return cfg
 
 
-
 def main(args):
     cfg = setup(args)
     if args.eval_only:

@@ -55,7 +55,6 @@ def setup(args):
     return cfg
 
 
-
 def main(args):
     cfg = setup(args)
     if args.eval_only:

@@ -35,7 +35,7 @@ from psalm.config import get_psalm_cfg
 from psalm.data.class_names import BENCHMARKS, load_categories
 from psalm.modeling.tasks import CATEGORY_TASKS, SENTENCE_TASKS
 from psalm.model_dir import MAIN_JOB_DIR, model_dir_cfg, no_model_message, resolve_weights
-from psalm.predictor import PSALMPredictor, ensure_tokenizer
+from psalm.predictor import PSALMPredictor, ensure_tokenizer, resolve_device
 from psalm.utils import draw_prediction, load_image, parse_visual_prompts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -117,9 +117,7 @@ def setup_cfg(args):
             )
     cfg = cfg.clone()
     cfg.defrost()
-    if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    resolve_device(cfg.MODEL.DEVICE)  # a CUDA device on a machine without CUDA is an error, never a silent CPU run
     cfg = ensure_tokenizer(cfg)
     cfg.freeze()
     return cfg

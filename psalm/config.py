@@ -232,7 +232,8 @@ def _add_data_config(cfg):
     cfg.DATALOADER.TASK_SAMPLING = "random"
     cfg.DATALOADER.ROUND_ROBIN_PERIOD = 16
     # the built-in synthetic data set (psalm_synthetic_*; psalm/data/synthetic.py), generated on
-    # first use. ROOT "": $PSALM_SYNTHETIC_DIR or ./datasets/psalm_synthetic
+    # first use. ROOT "": $PSALM_SYNTHETIC_DIR or ./datasets/psalm_synthetic. A root holds ONE spec (its
+    # manifest.json): a config with other SYNTHETIC values needs a ROOT of its own (an error says so)
     cfg.DATASETS.SYNTHETIC = CN()
     cfg.DATASETS.SYNTHETIC.ROOT = ""
     cfg.DATASETS.SYNTHETIC.SEED = 0

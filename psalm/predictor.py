@@ -123,7 +123,7 @@ def ensure_tokenizer(cfg, cache_dir: Optional[str] = None):
     """Make sure ``MODEL.PSALM.TOKENIZER`` points at a tokenizer; returns the (possibly updated) cfg.
 
     For a test-size LLM (``MODEL.PSALM.LLM.VOCAB_SIZE`` below the GPT-2 vocabulary) with no
-    tokenizer configured, the tiny byte-level tokenizer of :mod:`psalm.modeling.tokenizer` is built
+    tokenizer configured, the tiny byte-level tokenizer of :mod:`psalm.data.tokenizer` is built
     once into ``cache_dir`` (or ``$PSALM_CACHE``) with exactly ``VOCAB_SIZE`` entries, and a warning
     is logged. The test tokenizer is written only where the caller asks for it: with neither
     ``cache_dir`` nor ``$PSALM_CACHE`` it is an error (nothing is written to the home directory). A
@@ -138,7 +138,7 @@ def ensure_tokenizer(cfg, cache_dir: Optional[str] = None):
             "MODEL.PSALM.TOKENIZER is empty; set it to the local phi-1_5 tokenizer directory "
             "(see MODEL_ZOO.md), e.g. --opts MODEL.PSALM.TOKENIZER checkpoints/phi-1_5"
         )
-    from psalm.modeling.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+    from psalm.data.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
 
     if not (cache_dir or os.environ.get("PSALM_CACHE")):
         raise ValueError(

@@ -33,6 +33,7 @@ def test_benchmark_model_json_lines(psalm_cache):
                            "--opts", "MODEL.DEVICE", "cpu"], psalm_cache)
     assert [r["mode"] for r in records] == ["inference", "train"]
     assert [r["optimizer"] for r in records] == [None, "adamw"]
+    assert [r["prompts"] for r in records] == ["data", "data"]  # tokenised before the step, as the mapper does
     for r in records:
         assert r["config"] == TINY and r["task"] == "referring" and r["device"] == "cpu" and r["dtype"] == "fp32"
         assert r["batch_size"] == 1 and r["image_size"] == 256 and r["iters"] == 1 and r["warmup"] == 0
@@ -45,6 +46,22 @@ def test_benchmark_model_json_lines(psalm_cache):
         assert r["stage_calls_per_iter"]["backbone"] == 1 and r["stage_calls_per_iter"]["llm.model"] == 1
         # (S / 64)^2 image tokens (16 for the tiny 256 x 256 input) + the prompt text
         assert r["llm_batch_and_length"][0] == 1 and r["llm_batch_and_length"][1] > (r["image_size"] // 64) ** 2
+
+
+def test_benchmark_prompts_in_the_model_and_cuda_refusal(psalm_cache):
+    """--prompts model times the tokenisation inside the step (the path before prompts moved to the data
+    path); a CUDA device on a machine without CUDA is an error, not a CPU figure labelled as a GPU one."""
+    import torch
+
+    cmd = [str(REPO_ROOT / "tools" / "benchmark.py"), "--config-file", TINY, "--task", "panoptic", "--mode", "train",
+           "--isolate", "none", "--iters", "1", "--warmup", "0", "--prompts", "model", "--opts", "MODEL.DEVICE", "cpu"]
+    (r,) = _json_lines(cmd, psalm_cache)
+    assert r["prompts"] == "model" and r["mode"] == "train" and r["latency_ms_median"] > 0
+    if not torch.cuda.is_available():
+        env = dict(os.environ, PSALM_CACHE=psalm_cache, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, *cmd[:-1], "cuda"], capture_output=True, text=True, env=env,
+                              cwd=str(REPO_ROOT), timeout=300)
+        assert proc.returncode != 0 and "CUDA is not available" in proc.stderr and not proc.stdout.strip()
 
 
 def test_benchmark_deform_attn_json_lines(capsys):

@@ -15,7 +15,7 @@ from psalm.modeling.conditions import (
     sentence_condition,
 )
 from psalm.modeling.llm import load_tokenizer
-from psalm.modeling.prompt import PromptBuilder
+from psalm.data.prompt import PromptBuilder
 from psalm.modeling.sequence import SequenceAssembler
 
 PROJECTORS = ("mask_token_projector", "class_projector", "refer_projector", "region_projector")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from .conftest import REPO_ROOT
@@ -90,6 +91,17 @@ def test_demo_errors(demo, demo_predictor, tmp_path):
                  demo_predictor)
     with pytest.raises(SystemExit, match="exactly one of"):
         demo.main(["--config-file", TINY])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_refuses_a_cuda_device_without_cuda(demo, tmp_path, caplog):
+    """MODEL.DEVICE cuda on a machine without CUDA is an error (exit code 2, the fix in the message), never a
+    silent CPU run."""
+    out = tmp_path / "o.png"
+    rc = demo.main(["--config-file", TINY, "--random-weights", "--input", str(SAMPLE), "--output", str(out),
+                    "--task", "referring", "--prompt", "x", "--opts", "MODEL.DEVICE", "cuda"])
+    assert rc == 2 and not out.exists()
+    assert "MODEL.DEVICE='cuda' but CUDA is not available" in caplog.text and "MODEL.DEVICE cpu" in caplog.text
 
 
 def test_demo_video_from_first_frame_mask(demo, demo_predictor, tmp_path):

@@ -88,7 +88,7 @@ def make_pascal_ctx59(root: str) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Data root with ADE20K / gRefCOCO / DAVIS fixtures, a tiny tokenizer and a tiny checkpoint."""
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("zero_shot")
     root = str(tmp / "data")

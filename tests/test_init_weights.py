@@ -148,7 +148,7 @@ def stage2_files(tmp_path_factory):
     tools/convert_phi.py (+ tokenizer), and a stage-1 checkpoint (model_final.pth with projector.*)."""
     from safetensors.torch import save_file
 
-    from psalm.modeling.tokenizer import build_tiny_tokenizer
+    from psalm.data.tokenizer import build_tiny_tokenizer
 
     from .test_mask2former_converter import _make_pkl_state, _write_pkl
     from .test_phi_converter import phi15_config, phi15_state_dict

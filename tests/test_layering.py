@@ -40,7 +40,7 @@ def _files(*rels):
     "files,forbidden",
     [
         (("structures",), ("psalm.",)),  # the lowest layer imports nothing from psalm
-        (("data/mapper.py", "data/samplers.py", "data/visual_prompts.py", "data/datasets"), ("psalm.modeling",)),
+        (("data",), ("psalm.modeling",)),  # the data path (mappers, prompts, tokenizer) sits below the model
         (("evaluation/masks.py", "evaluation/davis.py"), ("psalm.data", "psalm.modeling")),
         (("checkpoint",), ("psalm.modeling", "psalm.data", "psalm.engine")),
     ],

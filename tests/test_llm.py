@@ -7,9 +7,9 @@ from psalm.checkpoint import load_strict
 from psalm.checkpoint.phi_keys import official_llm_to_psalm
 from psalm.config import get_psalm_cfg
 from psalm.modeling.llm import build_llm, causal_lm_loss, load_tokenizer
-from psalm.modeling.prompt import PromptBuilder
+from psalm.data.prompt import PromptBuilder
 from psalm.modeling.sequence import SequenceAssembler
-from psalm.modeling.tokenizer import save_tiny_tokenizer
+from psalm.data.tokenizer import save_tiny_tokenizer
 
 TASKS = ("referring", "panoptic", "region")
 

@@ -17,7 +17,7 @@ NAMES = [f"class number {i} {'x' * (i % 5)}" for i in range(60)]  # ~6 ids each:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"), num_merges=128)
 
@@ -57,7 +57,7 @@ def test_golden_spliced_length_formula(golden_dir):
     """The official panoptic sample: 151 prompt ids -> 190 spliced (golden README)."""
     from psalm.config import get_psalm_cfg as cfg_of
     from psalm.modeling.llm import load_tokenizer
-    from psalm.modeling.prompt import PromptBuilder
+    from psalm.data.prompt import PromptBuilder
 
     tok = load_tokenizer(golden_dir / "psalm_e2e" / "tokenizer")
     budget = ClassContextBudget(PromptBuilder(tok), 2048, 16, 10, task="panoptic")

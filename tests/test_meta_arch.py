@@ -16,7 +16,7 @@ REFERENCE_TSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "refere
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     # 256 bytes + 128 merges + 3 added tokens = 387 = the tiny config's vocabulary
     return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"), num_merges=128)

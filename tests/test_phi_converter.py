@@ -17,7 +17,7 @@ from psalm.checkpoint.phi_keys import (
 )
 from psalm.config import get_psalm_cfg
 from psalm.modeling.llm import build_llm, load_tokenizer, tokenizer_vocab_plan
-from psalm.modeling.tokenizer import build_tiny_tokenizer
+from psalm.data.tokenizer import build_tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEADS, HIDDEN = 4, 64

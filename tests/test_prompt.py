@@ -7,14 +7,14 @@ import torch
 
 from psalm.modeling import tasks
 from psalm.modeling.llm import load_tokenizer
-from psalm.modeling.prompt import (
+from psalm.data.prompt import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     SEG_TOKEN_INDEX,
     PromptBuilder,
     merge_sentences,
 )
-from psalm.modeling.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+from psalm.data.tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
 
 SENTENCES = ["the person in red on the left", "red figure"]
 CLASSES = ["person", "car", "tree-merged"]

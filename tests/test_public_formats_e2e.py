@@ -77,7 +77,7 @@ def _finite_metrics(res):
 
 def test_public_formats_prepare_train_evaluate_everything(tmp_path, monkeypatch):
     from psalm.data.datasets import register_all_psalm_datasets
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     root = str(tmp_path / "data")
     os.makedirs(root)

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from psalm.modeling.llm import load_tokenizer
-from psalm.modeling.prompt import IGNORE_INDEX, PromptBuilder
+from psalm.data.prompt import IGNORE_INDEX, PromptBuilder
 from psalm.modeling.sequence import SequenceAssembler
-from psalm.modeling.tokenizer import save_tiny_tokenizer
+from psalm.data.tokenizer import save_tiny_tokenizer
 
 SENTENCES = ["the person in red on the left", "red figure"]
 CLASSES = ["person", "car", "tree-merged"]

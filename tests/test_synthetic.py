@@ -138,13 +138,21 @@ def test_spec_refuses_empty_splits_and_unknown_split_names():
         SPEC.num_images("dev")
 
 
-def test_prepare_is_idempotent_and_regenerates_on_spec_change(root, tmp_path):
+def test_prepare_is_idempotent_and_refuses_another_specs_root(root, tmp_path):
     stamp = os.path.getmtime(os.path.join(root, "train", "panoptic.json"))
     syn.prepare_synthetic(root, SPEC, tokenizer=False)
     assert os.path.getmtime(os.path.join(root, "train", "panoptic.json")) == stamp
     d = str(tmp_path / "r")
-    syn.prepare_synthetic(d, syn.SyntheticSpec(num_train=2, num_val=1), tokenizer=False)
-    syn.prepare_synthetic(d, syn.SyntheticSpec(num_train=3, num_val=1), tokenizer=False)
+    small = syn.SyntheticSpec(num_train=2, num_val=1, num_test=1)
+    syn.prepare_synthetic(d, small, tokenizer=False)
+    before = _tree(d)
+    # another job's spec on the same root: an error naming what differs, the data left as it is
+    with pytest.raises(ValueError, match=r"another spec \(num_train: 2 there, 3 wanted\).*DATASETS.SYNTHETIC.ROOT"):
+        syn.prepare_synthetic(d, syn.SyntheticSpec(num_train=3, num_val=1, num_test=1), tokenizer=False)
+    assert _tree(d) == before
+    # an unfinished root (no manifest: it is written last) is generated again
+    os.remove(os.path.join(d, "manifest.json"))
+    syn.prepare_synthetic(d, syn.SyntheticSpec(num_train=3, num_val=1, num_test=1), tokenizer=False)
     assert len(os.listdir(os.path.join(d, "train", "images"))) == 3
 
 
@@ -339,5 +347,5 @@ def test_object_sizes_follow_the_spec_and_bad_sizes_are_refused():
     cfg.DATASETS.SYNTHETIC.SMALL_RADIUS = [0.05, 0.06]
     spec = synthetic_spec_from_cfg(cfg)
     assert spec.small_radius == (0.05, 0.06) and spec.large_radius == tuple(cfg.DATASETS.SYNTHETIC.LARGE_RADIUS)
-    # the spec is part of the manifest: other sizes regenerate the data
+    # the spec is part of the manifest: a root of other sizes is refused
     assert spec.to_json()["small_radius"] == [0.05, 0.06]

@@ -54,7 +54,7 @@ def test_real_vocabulary_has_no_spare_rows(tmp_path):
 
 
 def test_tiny_vocabulary_may_keep_spare_rows(tmp_path):
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     d = save_tiny_tokenizer(tmp_path / "tiny", num_merges=100)
     tok = build_tokenizer(_cfg(d, vocab=1000))

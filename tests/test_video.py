@@ -33,7 +33,7 @@ H, W = 20, 30  # frame size; with IMAGE_SIZE 256 the valid region is 171 x 256 (
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     tok = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"), num_merges=128)  # 387 = tiny vocabulary
     return get_psalm_cfg(TINY, ["MODEL.PSALM.TOKENIZER", str(tok), "MODEL.DEVICE", "cpu"])

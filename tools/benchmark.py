@@ -36,8 +36,9 @@ import torch
 
 from psalm.config import get_psalm_cfg
 from psalm.data.mapper import resize_pad_masks
+from psalm.data.prompt import prompt_for_input
 from psalm.data.synthetic import CLASS_NAMES, STUFF_CLASSES, THING_CLASSES, SyntheticSpec, generate_scene
-from psalm.predictor import PSALMPredictor, autocast_context, ensure_tokenizer
+from psalm.predictor import PSALMPredictor, autocast_context, ensure_tokenizer, resolve_device
 from psalm.utils.profiling import MemoryMeter, StageTimer, emit_json, latency_stats, profiled, time_iterations
 
 logger = logging.getLogger("psalm.benchmark")
@@ -54,8 +55,13 @@ def _scene(size: int, index: int):
     return image, objects, wall
 
 
-def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool, classes: str = "synthetic") -> dict:
+def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool, classes: str = "synthetic",
+                prompts: str = "data") -> dict:
     """One model input dict for ``task`` on synthetic scene ``index`` (plus GT when ``train``).
+
+    ``prompts``: ``"data"`` gives the input its ``"prompt"`` as the data loader's mapper does (built
+    before the timed step, in the loader's workers in a real run); ``"model"`` leaves it to the model's
+    forward (the path of hand-made inputs, and of every input before prompts moved to the data path).
 
     ``classes``: the category prompt of panoptic / instance / semantic, ``"synthetic"`` (the data
     set's classes) or a :mod:`psalm.data.class_names` benchmark such as ``"coco_panoptic"`` (133;
@@ -104,13 +110,21 @@ def make_sample(predictor: PSALMPredictor, task: str, index: int, train: bool, c
             inst.gt_masks = resize_pad_masks(np.stack(gt), (size, size), size)
             inst.gt_classes = torch.tensor(gt_classes, dtype=torch.int64)
             inp["instances"] = inst
+    if prompts == "data":
+        model = predictor.model
+        inp["prompt"] = prompt_for_input(
+            model.prompt_builder, inp, shuffle_classes=train and model.shuffle_classes_train,
+            rng=np.random.default_rng(index), generation=not train,
+        )
+    elif prompts != "model":
+        raise ValueError(f"prompts must be 'data' or 'model', got {prompts!r}")
     return inp
 
 
 def stand_in_tokenizer(directory: str, vocab_size: int) -> str:
     """A tokenizer with exactly ``vocab_size`` entries for timing a full-size model without phi-1_5's.
 
-    psalm's tiny byte-level BPE (:func:`psalm.modeling.tokenizer.build_tiny_tokenizer`, no PSALM
+    psalm's tiny byte-level BPE (:func:`psalm.data.tokenizer.build_tiny_tokenizer`, no PSALM
     tokens) plus unused added tokens ``<|unused_i|>`` up to ``vocab_size - 2`` entries; then
     :func:`psalm.modeling.llm.load_tokenizer` adds ``[PAD]`` and ``[SEG]`` as the last two rows,
     as with phi-1_5. Built once into ``directory``. Text tokenises to more tokens than with
@@ -118,7 +132,7 @@ def stand_in_tokenizer(directory: str, vocab_size: int) -> str:
     """
     import pathlib
 
-    from psalm.modeling.tokenizer import build_tiny_tokenizer
+    from psalm.data.tokenizer import build_tiny_tokenizer
 
     path = pathlib.Path(directory)
     if not (path / "tokenizer.json").is_file():
@@ -144,14 +158,15 @@ def _dtype_name(dtype) -> str:
 
 
 def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, iters: int, warmup: int,
-            classes: str = "synthetic", profile_dir: str | None = None, optimizer_name: str = "adamw") -> dict:
+            classes: str = "synthetic", profile_dir: str | None = None, optimizer_name: str = "adamw",
+            prompts: str = "data") -> dict:
     """Time ``iters`` inference calls or training steps (``optimizer_name`` ``"adamw"``: forward,
     backward and an AdamW step; ``"none"``: forward + backward only) of one batch."""
     if optimizer_name not in ("adamw", "none"):
         raise ValueError(f"optimizer must be 'adamw' or 'none', got {optimizer_name!r}")
     model, device = predictor.model, predictor.device
     train = mode == "train"
-    batch = [make_sample(predictor, task, i, train, classes) for i in range(batch_size)]
+    batch = [make_sample(predictor, task, i, train, classes, prompts) for i in range(batch_size)]
     if train:
         model.train()
         dtype = _train_dtype(predictor.cfg, device)
@@ -201,6 +216,7 @@ def measure(predictor: PSALMPredictor, task: str, mode: str, batch_size: int, it
     stats = latency_stats(times, batch_size)
     return {
         "mode": mode,
+        "prompts": prompts,
         "optimizer": optimizer_name if train else None,
         "dtype": _dtype_name(dtype),
         "latency_ms_median": stats["latency_ms_median"],
@@ -236,6 +252,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="run the timed iterations under torch.profiler; tables and a trace go to DIR")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="--mode both on CPU: one process per mode so that each RSS peak is its own (default)")
+    p.add_argument("--prompts", choices=("data", "model"), default="data",
+                   help="where the prompts are tokenised: 'data' (the mapper's work, before the timed step, as in "
+                        "training and evaluation) or 'model' (in the timed forward: hand-made inputs, and every "
+                        "input before prompts moved to the data path)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return p
 
@@ -263,9 +283,10 @@ def main(argv=None) -> int:
         raise SystemExit("error: --batch-size must be >= 1")
     cfg = get_psalm_cfg(args.config_file, args.opts)
     cfg.defrost()
-    if cfg.MODEL.DEVICE != "cpu" and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: benchmarking on CPU", cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    try:  # a CUDA device on a machine without CUDA is an error: a CPU figure is not a GPU figure
+        resolve_device(cfg.MODEL.DEVICE)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     modes = MODES if args.mode == "both" else (args.mode,)
     if len(modes) > 1 and args.isolate == "process" and cfg.MODEL.DEVICE == "cpu":
         for mode in modes:
@@ -290,7 +311,7 @@ def main(argv=None) -> int:
     }
     for mode in modes:
         emit_json({**common, **measure(predictor, args.task, mode, args.batch_size, args.iters, args.warmup,
-                                       args.classes, args.profile, args.optimizer)})
+                                       args.classes, args.profile, args.optimizer, args.prompts)})
     return 0
 
 

@@ -30,6 +30,7 @@ import torch
 
 from psalm.config import get_psalm_cfg
 from psalm.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn, resolve_deform_attn_impl
+from psalm.predictor import resolve_device
 from psalm.utils.profiling import MemoryMeter, emit_json, latency_stats, time_iterations
 
 logger = logging.getLogger("psalm.benchmark_deform_attn")
@@ -147,9 +148,10 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     cfg = get_psalm_cfg(args.config_file or None, args.opts)
-    device = torch.device(cfg.MODEL.DEVICE if torch.cuda.is_available() or cfg.MODEL.DEVICE == "cpu" else "cpu")
-    if device.type == "cpu" and cfg.MODEL.DEVICE != "cpu":
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: benchmarking on CPU", cfg.MODEL.DEVICE)
+    try:  # a CUDA device on a machine without CUDA is an error: a CPU figure is not a GPU figure
+        device = resolve_device(cfg.MODEL.DEVICE)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     shapes = shapes_from_cfg(cfg)
     common = {"config": args.config_file or "defaults", "device": str(device), "dtype": "fp32",
               "iters": args.iters, "warmup": args.warmup, **shapes}

@@ -40,7 +40,7 @@ class ClassContextBudget:
     """Spliced length of a category prompt, and class chunks / subsets that fit the context.
 
     Args:
-        builder: the model's :class:`psalm.modeling.prompt.PromptBuilder`.
+        builder: the model's :class:`psalm.data.prompt.PromptBuilder`.
         context: the longest spliced sequence (:func:`context_length`).
         num_image_tokens: image tokens per image ((S / 64)^2).
         num_mask_tokens: Q.
@@ -48,7 +48,7 @@ class ClassContextBudget:
     """
 
     def __init__(self, builder, context: int, num_image_tokens: int, num_mask_tokens: int, task: str = "instance"):
-        from psalm.modeling.prompt import BACKGROUND_CLASS
+        from psalm.data.prompt import BACKGROUND_CLASS
 
         self.builder = builder
         self.context = int(context)
@@ -65,10 +65,9 @@ class ClassContextBudget:
     def from_config(cls, cfg, builder=None) -> "ClassContextBudget":
         """From a config (the tokenizer is loaded when no builder is given)."""
         if builder is None:
-            from psalm.modeling.llm import build_tokenizer
-            from psalm.modeling.prompt import PromptBuilder
+            from psalm.data.prompt import build_prompt_builder
 
-            builder = PromptBuilder.from_config(cfg, build_tokenizer(cfg))
+            builder = build_prompt_builder(cfg)
         image_tokens = (int(cfg.INPUT.IMAGE_SIZE) // 64) ** 2
         return cls(builder, context_length(cfg), image_tokens, int(cfg.MODEL.PSALM.NUM_MASK_TOKENS))
 

@@ -24,6 +24,14 @@ GT sources per task (training only; evaluation reads its GT in the evaluators):
 Category tasks get ``class_names`` (metadata ``prompt_class_names``) and ``is_thing`` (metadata
 ``prompt_is_thing``, K bools; required for panoptic evaluation).
 
+The prompt is built here, in the data path (the loader's workers), not in the model's forward: with a
+``prompt_builder`` (from_config: whenever the config names a tokenizer) every output holds ``"prompt"``,
+the sample's :class:`~psalm.data.prompt.TokenizedPrompt` from :func:`~psalm.data.prompt.prompt_for_input`
+(training: the class order drawn from the sample's ``rng``). A segmentation prompt longer than the
+context after splicing is an error here, naming the data set and the sample. One exception: at
+evaluation a class list over the context gets no ``"prompt"`` (the model predicts it in class chunks,
+``psalm.inference.class_chunks``, each chunk with its own prompt).
+
 Every dataset-dict field other than ``annotations`` / ``segments_info`` / ``conversations`` is
 passed through unchanged (``image_id``, ``sample_id``, ``ref_id``, ``no_target``, DAVIS fields...).
 """
@@ -43,6 +51,7 @@ from detectron2.structures import Instances, polygons_to_bitmask
 
 from psalm.structures.tasks import CATEGORY_TASKS, LM_TASKS, SENTENCE_TASKS, check_task
 
+from .prompt import build_prompt_builder, prompt_for_input
 from .visual_prompts import PROMPT_TYPES, decode_rle, rasterize_prompt, rle_area, valid_polygons
 
 __all__ = ["PSALMDatasetMapper", "preprocess_image", "resized_shape", "resize_pad_masks"]
@@ -147,6 +156,12 @@ class PSALMDatasetMapper:
         task: Optional[str] = None,
         class_budget=None,
         detections_per_image: Optional[int] = None,
+        prompt_builder=None,
+        shuffle_classes: bool = False,
+        context_length: Optional[int] = None,
+        num_image_tokens: int = 0,
+        num_mask_tokens: int = 0,
+        dataset_name: Optional[str] = None,
     ):
         """
         Args:
@@ -171,6 +186,14 @@ class PSALMDatasetMapper:
                 ``class_ids`` holds the subset's ids in the full list. None: never.
             detections_per_image: copied into evaluation inputs (post-processing top-k of this
                 data set, e.g. LVIS 300); from_config reads the metadata's ``detections_per_image``.
+            prompt_builder: a :class:`~psalm.data.prompt.PromptBuilder`: every output gets its ``"prompt"``
+                (module docstring). None: no prompts (the model builds them).
+            shuffle_classes: training: category prompts list the classes in a random order drawn from
+                the sample's ``rng`` (``MODEL.PSALM.SHUFFLE_CLASSES_TRAIN``, official).
+            context_length: the longest spliced sequence (``psalm.data.class_budget.context_length``);
+                a longer segmentation prompt is an error. None: unchecked.
+            num_image_tokens / num_mask_tokens: N = (S / 64)^2 and Q, for the spliced length.
+            dataset_name: names the data set in error messages.
         """
         if image_format != "RGB":
             raise ValueError(f"PSALM reads RGB images (INPUT.FORMAT='RGB'), got {image_format!r}")
@@ -192,9 +215,23 @@ class PSALMDatasetMapper:
         self.task = check_task(task) if task is not None else None
         self.class_budget = class_budget
         self.detections_per_image = detections_per_image
+        self.prompt_builder = prompt_builder
+        self.shuffle_classes = bool(shuffle_classes)
+        self.context_length = None if context_length is None else int(context_length)
+        self.num_image_tokens = int(num_image_tokens)
+        self.num_mask_tokens = int(num_mask_tokens)
+        self.dataset_name = dataset_name
+        self._eval_budget = None
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True, dataset_name: Optional[str] = None):
+    def from_config(cls, cfg, is_train: bool = True, dataset_name: Optional[str] = None,
+                    build_prompts: Optional[bool] = None):
+        """``build_prompts``: give the outputs their ``"prompt"``; None: when the config names a tokenizer
+        (``MODEL.PSALM.TOKENIZER`` or ``MODEL.PSALM.LLM.NAME_OR_PATH``; without one no model can run)."""
+        from .class_budget import context_length
+
+        if build_prompts is None:
+            build_prompts = bool(cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH)
         ret = {
             "is_train": is_train,
             "image_size": cfg.INPUT.IMAGE_SIZE,
@@ -203,7 +240,16 @@ class PSALMDatasetMapper:
             "point_radius": cfg.INPUT.POINT_RADIUS,
             "scribble_radius": cfg.INPUT.SCRIBBLE_RADIUS,
             "train_prompt_types": cfg.INPUT.INTERACTIVE_PROMPT_TYPES,
+            "dataset_name": dataset_name,
         }
+        if build_prompts:
+            ret.update(
+                prompt_builder=build_prompt_builder(cfg),
+                shuffle_classes=cfg.MODEL.PSALM.SHUFFLE_CLASSES_TRAIN,
+                context_length=context_length(cfg),
+                num_image_tokens=(int(cfg.INPUT.IMAGE_SIZE) // 64) ** 2,
+                num_mask_tokens=cfg.MODEL.PSALM.NUM_MASK_TOKENS,
+            )
         if dataset_name is not None:
             meta = MetadataCatalog.get(dataset_name)
             # NOT meta.class_names: detectron2 aliases that key to thing_classes (docs/DESIGN.md)
@@ -310,7 +356,46 @@ class PSALMDatasetMapper:
             instances.gt_masks = masks
             instances.gt_classes = classes
             out["instances"] = instances
+        if self.prompt_builder is not None:
+            self._attach_prompt(out, d, rng)
         return out
+
+    def _where(self, d: Dict) -> str:
+        sample = d.get("image_id", d.get("sample_id"))
+        name = f"sample {sample!r} ({d.get('file_name', 'in-memory image')})" if sample is not None else (
+            f"sample {d.get('file_name', 'in-memory image')!r}")
+        return f"data set {self.dataset_name!r}, {name}" if self.dataset_name else name
+
+    def _attach_prompt(self, out: Dict, d: Dict, rng) -> None:
+        """``out["prompt"]``: the sample's TokenizedPrompt (module docstring); length errors name the sample."""
+        from .class_budget import ClassContextBudget
+
+        task = out["task"]
+        if task in CATEGORY_TASKS and not self.is_train and self.context_length is not None:
+            if self._eval_budget is None:
+                self._eval_budget = ClassContextBudget(
+                    self.prompt_builder, self.context_length, self.num_image_tokens, self.num_mask_tokens
+                )
+            if not self._eval_budget.fits(out["class_names"]):
+                return  # the model predicts it in class chunks, each with its own prompt
+        where = self._where(d)
+        try:
+            prompt = prompt_for_input(
+                self.prompt_builder, out, shuffle_classes=self.is_train and self.shuffle_classes, rng=rng,
+                generation=not self.is_train, where=where,
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        if self.context_length is not None and task not in LM_TASKS:
+            n = self.prompt_builder.spliced_length(prompt, self.num_image_tokens, self.num_mask_tokens)
+            if n > self.context_length:
+                raise ValueError(
+                    f"{where}: its {task} prompt is {n} tokens long after splicing ({self.num_image_tokens} image "
+                    f"tokens, {self.num_mask_tokens} mask tokens), more than the context {self.context_length} "
+                    "(the smaller of MODEL.PSALM.MODEL_MAX_LENGTH and MODEL.PSALM.LLM.MAX_POSITION_EMBEDDINGS): "
+                    "shorten the sample's text or raise those limits"
+                )
+        out["prompt"] = prompt
 
     def _class_subset(self, out: Dict, masks: torch.Tensor, classes: torch.Tensor, rng):
         """A class list over the context: this image's classes + random negatives that fit (in place on out)."""

@@ -13,7 +13,7 @@ Nothing is downloaded. ``prepare_synthetic(root)`` writes, once, for each split 
     <root>/<split>/interactive.json         COCO instance JSON whose annotations carry ``visual_prompts``
     <root>/<split>/caption.json             LLaVA-format caption samples (stage-1 alignment)
     <root>/<split>/scenes.json              the scene description (object attributes, boxes)
-    <root>/manifest.json                    generation parameters; a mismatch regenerates
+    <root>/manifest.json                    generation parameters; another spec's root is an error
 
 Every byte is a function of ``SyntheticSpec`` (and the pinned numpy / OpenCV versions) only: each
 image draws from its own ``numpy`` stream seeded by ``(seed, split, index, purpose)``, JSON is
@@ -432,21 +432,34 @@ def _generate_split(spec: SyntheticSpec, split: str, out: str) -> None:
 
 
 def _manifest_matches(root: str, spec: SyntheticSpec) -> bool:
+    """True when ``root`` was generated with ``spec``; False when it holds no (readable) manifest, i.e. no
+    finished data set (the manifest is written last). A root generated with another spec is an error:
+    regenerating it would pull the data from under another job that uses it."""
     path = os.path.join(root, "manifest.json")
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f) == spec.to_json()
+            found = json.load(f)
         except json.JSONDecodeError:
             return False
+    want = spec.to_json()
+    if found == want:
+        return True
+    diff = ", ".join(f"{k}: {found.get(k)!r} there, {want.get(k)!r} wanted" for k in sorted(set(found) | set(want))
+                     if found.get(k) != want.get(k))
+    raise ValueError(
+        f"{root} holds the synthetic data set of another spec ({diff}). Give this spec a folder of its own "
+        "(DATASETS.SYNTHETIC.ROOT, or $PSALM_SYNTHETIC_DIR for the default root), or delete that folder to "
+        "regenerate it there (other jobs that use it would lose their data)"
+    )
 
 
 def prepare_synthetic(root: str | None = None, spec: SyntheticSpec = SyntheticSpec(), tokenizer: bool = True) -> str:
     """Write the data set under ``root`` (default :func:`default_root`) unless it is already there.
 
     Safe to call from several processes at once (a file lock serialises them); a root generated
-    with another spec is regenerated. Each split is written to a temporary folder and moved into
+    with another spec is an error (never regenerated under another job's feet). Each split is written to a temporary folder and moved into
     place, so an interrupted run never leaves a half-written split behind.
 
     Returns:
@@ -487,7 +500,7 @@ def prepare_synthetic(root: str | None = None, spec: SyntheticSpec = SyntheticSp
 def synthetic_corpus() -> str:
     """Text the synthetic tokenizer learns its merges from: PSALM's prompt wording plus every word
     the synthetic data uses (class names, attributes, relations, caption wording)."""
-    from psalm.modeling.tokenizer import DEFAULT_CORPUS
+    from psalm.data.tokenizer import DEFAULT_CORPUS
 
     words = list(CLASS_NAMES) + list(lang.COLORS) + list(lang.SIZES) + list(lang.RELATIONS) + list(lang.DIRECTIONS)
     lines = [" ".join(words), " ".join(f"all {w}s" for w in THING_CLASSES), _CAPTION_PROMPT,
@@ -504,7 +517,7 @@ def save_synthetic_tokenizer(directory: str) -> str:
     Its vocabulary has ``256 + SYNTHETIC_TOKENIZER_MERGES + 3`` entries at most (fewer if the corpus
     runs out of merges); ``MODEL.PSALM.LLM.VOCAB_SIZE`` must be at least that.
     """
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     return str(save_tiny_tokenizer(directory, num_merges=SYNTHETIC_TOKENIZER_MERGES, corpus=synthetic_corpus()))
 

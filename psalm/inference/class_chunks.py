@@ -80,7 +80,7 @@ def maybe_chunked_category_inference(model, batched_inputs: Sequence[Mapping], i
         for chunk in chunks:
             chunk_inputs = []
             for x in inputs:
-                y = dict(x)
+                y = {k: v for k, v in x.items() if k != "prompt"}  # the chunk's prompt is built for its names
                 y["class_names"] = [names[k] for k in chunk]
                 if x.get("is_thing") is not None:
                     y["is_thing"] = [x["is_thing"][k] for k in chunk]

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prompt import IGNORE_INDEX
+from psalm.data.prompt import IGNORE_INDEX
+from psalm.data.tokenizer import (  # noqa: F401  (re-exported: the tokenizer is data-path code)
+    EOS_TOKEN,
+    REAL_VOCAB_MIN,
+    build_tokenizer,
+    check_tokenizer_matches_vocab,
+    load_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ __all__ = [
     "causal_lm_loss",
 ]
 
-EOS_TOKEN = "<|endoftext|>"
 
 # cfg.MODEL.PSALM.LLM key -> PhiConfig attribute (rope fields live in config.rope_parameters)
 _ARCH_FIELDS = {
@@ -65,115 +71,6 @@ _ARCH_FIELDS = {
     "PARTIAL_ROTARY_FACTOR": "partial_rotary_factor",
     "ROPE_THETA": "rope_theta",
 }
-
-
-# ------------------------------------------------------------------------------------ tokenizer
-
-
-def load_tokenizer(
-    path: str | os.PathLike,
-    pad_token: str = "[PAD]",
-    seg_token: str = "[SEG]",
-    model_max_length: int = 2048,
-):
-    """Load a local HF tokenizer directory (fast tokenizer) and make sure ``[PAD]`` and ``[SEG]`` exist.
-
-    Official order (``train.py``): if ``tokenizer.pad_token`` is None, ``[PAD]`` is added as the pad
-    special token; then ``[SEG]`` is added with ``add_tokens`` if absent. The tokenizer pads on the
-    right. ``<|endoftext|>`` must be a single token (the chat template ends every answer with it).
-
-    Returns:
-        the transformers tokenizer.
-    """
-    from transformers import AutoTokenizer
-
-    path = pathlib.Path(path)
-    if not str(path) or str(path) == ".":
-        raise ValueError(
-            "no tokenizer directory given: set MODEL.PSALM.TOKENIZER (or MODEL.PSALM.LLM.NAME_OR_PATH) to a "
-            "local HF tokenizer directory; psalm.modeling.tokenizer.save_tiny_tokenizer builds a test one"
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist (nothing is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(path), use_fast=True, local_files_only=True, model_max_length=model_max_length, padding_side="right"
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": pad_token})
-        logger.info("tokenizer had no pad token: added %s (id %d)", pad_token, tokenizer.pad_token_id)
-    if seg_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([seg_token])
-        logger.info("added %s (id %d) to the tokenizer", seg_token, tokenizer.convert_tokens_to_ids(seg_token))
-    for tok in (seg_token, EOS_TOKEN):
-        ids = tokenizer.encode(tok, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"{tok!r} must encode to one token with the tokenizer in {path}, got {ids}")
-    return tokenizer
-
-
-# a vocabulary at least GPT-2's (phi-1_5's base) is a real model's, whose embedding rows have meaning
-REAL_VOCAB_MIN = 50257
-
-
-def build_tokenizer(cfg):
-    """:func:`load_tokenizer` from ``MODEL.PSALM.TOKENIZER`` (or ``MODEL.PSALM.LLM.NAME_OR_PATH`` if empty),
-    checked against the model's vocabulary (:func:`check_tokenizer_matches_vocab`)."""
-    path = cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH
-    tokenizer = load_tokenizer(
-        path,
-        pad_token=cfg.MODEL.PSALM.PAD_TOKEN,
-        seg_token=cfg.MODEL.PSALM.SEG_TOKEN,
-        model_max_length=cfg.MODEL.PSALM.MODEL_MAX_LENGTH,
-    )
-    check_tokenizer_matches_vocab(
-        tokenizer, int(cfg.MODEL.PSALM.LLM.VOCAB_SIZE), cfg.MODEL.PSALM.PAD_TOKEN, cfg.MODEL.PSALM.SEG_TOKEN,
-        where=str(path),
-    )
-    return tokenizer
-
-
-def check_tokenizer_matches_vocab(tokenizer, vocab_size: int, pad_token: str = "[PAD]", seg_token: str = "[SEG]",
-                                  where: str = "the tokenizer") -> None:
-    """A real model's tokenizer must index the checkpoint's embedding rows exactly.
-
-    Always: ``len(tokenizer) <= vocab_size``. For a real vocabulary (``vocab_size >= REAL_VOCAB_MIN``,
-    e.g. phi-1_5's PSALM vocabulary 50297 = 50295 base + ``[PAD]`` 50295 + ``[SEG]`` 50296):
-    ``len(tokenizer) == vocab_size``, ``[SEG]`` is the last id and ``[PAD]`` (when it is PSALM's pad
-    token) the one before. A phi tokenizer that already has a pad token gets no ``[PAD]``, so its
-    ``[SEG]`` lands on id 50295, the official ``[PAD]`` row: that is an error, not a silent remap.
-    Test-size vocabularies may keep spare rows.
-    """
-    n = len(tokenizer)
-    if n > vocab_size:
-        raise ValueError(
-            f"MODEL.PSALM.LLM.VOCAB_SIZE={vocab_size} is smaller than {where} ({n} tokens); set it to at least {n}"
-        )
-    if vocab_size < REAL_VOCAB_MIN:
-        return
-    seg_id = tokenizer.convert_tokens_to_ids(seg_token)
-    pad_is_psalm = tokenizer.pad_token == pad_token
-    problems = []
-    if n != vocab_size:
-        problems.append(f"it has {n} tokens, the model's vocabulary (MODEL.PSALM.LLM.VOCAB_SIZE) {vocab_size}")
-    if seg_id != vocab_size - 1:
-        problems.append(f"{seg_token} has id {seg_id}, the model's {seg_token} row is {vocab_size - 1}")
-    if pad_is_psalm and tokenizer.pad_token_id != vocab_size - 2:
-        problems.append(f"{pad_token} has id {tokenizer.pad_token_id}, the model's {pad_token} row is {vocab_size - 2}")
-    if not problems:
-        return
-    hint = ""
-    if not pad_is_psalm:
-        hint = (
-            f" The tokenizer already had a pad token ({tokenizer.pad_token!r}, id {tokenizer.pad_token_id}), so "
-            f"{pad_token} was not added and {seg_token} took the id of the official {pad_token} row "
-            f"({vocab_size - 2} in a {vocab_size}-row PSALM vocabulary)."
-        )
-    raise ValueError(
-        f"{where} does not match the model's embedding rows: " + "; ".join(problems) + "." + hint
-        + " Use the tokenizer the converter writes (tools/convert_official.py --output DIR: DIR; "
-        "tools/convert_phi.py --save-tokenizer DIR), or one without a pad token (official phi-1_5), or set "
-        "MODEL.PSALM.LLM.VOCAB_SIZE to the checkpoint's row count if the checkpoint was trained with this tokenizer."
-    )
 
 
 def tokenizer_vocab_plan(tokenizer, pad_token: str = "[PAD]", seg_token: str = "[SEG]") -> tuple[int, list[int]]:

@@ -1,6 +1,6 @@
 """One sequence assembler: tokenised prompts + embeddings -> the LLM's ``inputs_embeds`` and index tensors.
 
-Each placeholder of a :class:`~psalm.modeling.prompt.TokenizedPrompt` is replaced, in order, by
+Each placeholder of a :class:`~psalm.data.prompt.TokenizedPrompt` is replaced, in order, by
 (official ``concat_image_seg_cls_embeds``):
 
 ==============  ======================================================  ============================
@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .prompt import (
+from psalm.data.prompt import (
     CLS_TOKEN_INDEX,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,

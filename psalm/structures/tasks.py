@@ -2,7 +2,7 @@
 
 Shared vocabulary of every layer (data mapping, sampling, modeling, evaluation, predictor), so it lives
 in :mod:`psalm.structures`, which imports nothing from psalm. Every sample carries a ``task`` string
-(``docs/DESIGN.md``, "Tasks"). The task decides the prompt (:mod:`psalm.modeling.prompt`), which
+(``docs/DESIGN.md``, "Tasks"). The task decides the prompt (:mod:`psalm.data.prompt`), which
 condition embeddings are read from the LLM (:mod:`psalm.modeling.conditions`), which score head and loss
 are used and how predictions are post-processed.
 

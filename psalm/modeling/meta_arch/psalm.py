@@ -5,7 +5,8 @@ Data flow (``docs/DESIGN.md``, "Forward data flow"):
 1. images (uint8 [B, 3, S, S]) normalised in fp32, cast to the model dtype; the Swin ``backbone``
    runs ONCE and its features feed both the projector and the pixel decoder;
 2. ``projector(res5)`` -> image tokens [B, (S/64)^2, H];
-3. :class:`~psalm.modeling.prompt.PromptBuilder` -> one ``TokenizedPrompt`` per sample;
+3. one ``TokenizedPrompt`` per sample: built by the mapper in the data path (``x["prompt"]``), or
+   here by the same :func:`~psalm.data.prompt.prompt_for_input` for inputs that come without one;
 4. interactive: :class:`~psalm.modeling.conditions.RegionPooler` pools each visual prompt into a
    token; :class:`~psalm.modeling.sequence.SequenceAssembler` splices everything into
    ``inputs_embeds`` [B, L, H];
@@ -50,7 +51,7 @@ from ..llm import build_llm, build_tokenizer, causal_lm_loss
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import PSALMPostProcessor
 from ..projector import build_projector
-from ..prompt import PromptBuilder, TokenizedPrompt
+from psalm.data.prompt import PromptBuilder, TokenizedPrompt, check_prompt_matches, prompt_for_input
 from ..sequence import AssembledSequence, SequenceAssembler
 from ..transformer_decoder import build_transformer_decoder
 
@@ -319,28 +320,26 @@ class PSALM(nn.Module):
 
     # ------------------------------------------------------------------------------ language
     def build_prompts(self, batched_inputs: Sequence[Mapping], generation: bool = False) -> list[TokenizedPrompt]:
-        """One :class:`TokenizedPrompt` per input (class order shuffled for category tasks in training)."""
+        """One :class:`TokenizedPrompt` per input.
+
+        The data path builds them: :class:`~psalm.data.mapper.PSALMDatasetMapper` puts ``"prompt"`` in every
+        input it maps (in the loader's workers, class order shuffled there in training), and this only checks
+        that it belongs to the input. Inputs without one (the predictor, hand-made dicts) get theirs from
+        the same function, :func:`~psalm.data.prompt.prompt_for_input` (class order shuffled from torch's
+        global RNG in training).
+        """
         builder = self._require_prompt_builder()
         prompts = []
         for i, x in enumerate(batched_inputs):
-            task = T.check_task(x["task"])
-            kwargs = {}
-            if T.is_category_task(task):
-                if not x.get("class_names"):
-                    raise ValueError(f"input {i} ({task}) needs 'class_names' (the K category names)")
-                kwargs = {
-                    "class_names": x["class_names"],
-                    "shuffle_classes": self.training and self.shuffle_classes_train,
-                }
-            elif T.is_sentence_task(task):
-                kwargs = {"sentences": x.get("sentences")}
-            elif T.is_region_task(task):
-                if "region_masks" not in x:
-                    raise ValueError(f"input {i} (interactive) needs 'region_masks' [R, S, S] (one per visual prompt)")
-                kwargs = {"num_regions": int(x["region_masks"].shape[0])}
+            prompt = x.get("prompt")
+            if prompt is not None:
+                check_prompt_matches(prompt, x, generation=generation, where=f"input {i}")
             else:
-                kwargs = {"conversation": x.get("conversation"), "add_generation_prompt": generation}
-            prompts.append(builder.build(task, **kwargs))
+                prompt = prompt_for_input(
+                    builder, x, shuffle_classes=self.training and self.shuffle_classes_train, generation=generation,
+                    where=f"input {i}",
+                )
+            prompts.append(prompt)
         return prompts
 
     def pool_regions(self, image_tokens: torch.Tensor, batched_inputs: Sequence[Mapping]) -> list[torch.Tensor]:

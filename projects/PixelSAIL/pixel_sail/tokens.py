@@ -46,7 +46,7 @@ def extend_tokenizer(tokenizer, num_visual_prompts: int):
     vocab = tokenizer.get_vocab()
     if EOS_TOKEN not in vocab:
         raise ValueError(f"the tokenizer has no {EOS_TOKEN!r} token; Pixel-SAIL ends every answer with it "
-                         "(use a Qwen2 / Qwen2.5 tokenizer, or psalm.modeling.tokenizer.save_tiny_tokenizer)")
+                         "(use a Qwen2 / Qwen2.5 tokenizer, or psalm.data.tokenizer.save_tiny_tokenizer)")
     missing = [t for t in official_special_tokens(num_visual_prompts) if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)

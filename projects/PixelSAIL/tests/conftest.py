@@ -16,7 +16,7 @@ TINY_CONFIG = PROJECT / "configs" / "tiny" / "pixelsail_tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    from psalm.modeling.tokenizer import save_tiny_tokenizer
+    from psalm.data.tokenizer import save_tiny_tokenizer
 
     return str(save_tiny_tokenizer(tmp_path_factory.mktemp("pixelsail_tok")))
 

@@ -332,7 +332,7 @@ def test_train_net_and_eval_zero_shot_give_identical_metrics(env, tmp_path, monk
     zs_calls, calls[:] = list(calls), []
 
     train_net = _train_net()
-    args = train_net.build_parser().parse_args(
+    args = train_net.default_argument_parser().parse_args(
         ["--eval-only", "--config-file", TINY, *env["opts"], *common, "MODEL.WEIGHTS", env["weights"],
          "DATASETS.TEST", '("grefcoco_val",)', "DATASETS.TEST_TASKS", '["gres"]', "OUTPUT_DIR", str(tmp_path / "tn")])
     trained = train_net.main(args)
@@ -361,7 +361,7 @@ def test_empty_weights_are_refused_by_both_tools(env, tmp_path):
         tool.build_model(cfg)
     assert not tool.build_model(cfg, allow_missing_keys=True).training
     train_net = _train_net()
-    args = train_net.build_parser().parse_args(
+    args = train_net.default_argument_parser().parse_args(
         ["--eval-only", "--config-file", TINY, *env["opts"], "DATASETS.TEST", '("grefcoco_val",)',
          "DATASETS.TEST_TASKS", '["gres"]', "OUTPUT_DIR", str(tmp_path / "tn")])
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*--allow-missing-keys"):

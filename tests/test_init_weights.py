@@ -134,7 +134,7 @@ def test_model_device_cuda_without_cuda_is_an_error():
     with pytest.raises(ValueError, match="CUDA is not available.*MODEL.DEVICE cpu"):
         resolve_device(cfg)
     train_net = _load_tool("train_net")
-    args = train_net.build_parser().parse_args(["--config-file", TINY, "MODEL.DEVICE", "cuda"])
+    args = train_net.default_argument_parser().parse_args(["--config-file", TINY, "MODEL.DEVICE", "cuda"])
     with pytest.raises(ValueError, match="CUDA is not available"):
         train_net.setup(args)
     assert resolve_device(get_psalm_cfg(TINY, ["MODEL.DEVICE", "cpu"])) == "cpu"
@@ -237,9 +237,9 @@ def test_stage2_recipe_trains_through_train_net(stage2_files, tmp_path):
             "DATASETS.TRAIN_RATIOS", "[1.0]", "DATASETS.TEST", "()", "DATASETS.TEST_TASKS", "[]",
             "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "0"]
     with pytest.raises(InitWeightsError, match=r"FROZEN parameter\(s\).*\n.*backbone"):
-        train_net.main(train_net.build_parser().parse_args(base + ["OUTPUT_DIR", str(tmp_path / "none")]))
+        train_net.main(train_net.default_argument_parser().parse_args(base + ["OUTPUT_DIR", str(tmp_path / "none")]))
     out = tmp_path / "stage2"
-    train_net.main(train_net.build_parser().parse_args(base + _stage2_init_opts(stage2_files) +
+    train_net.main(train_net.default_argument_parser().parse_args(base + _stage2_init_opts(stage2_files) +
                                                        ["OUTPUT_DIR", str(out)]))
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     backbone = [k for k in final if k.startswith("backbone.")]

@@ -105,7 +105,7 @@ def test_public_formats_prepare_train_evaluate_everything(tmp_path, monkeypatch)
             "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out), "SEED", "0",
         ]
         train_net = _tool("train_net")
-        results = train_net.main(train_net.build_parser().parse_args(["--config-file", TINY, *opts]))
+        results = train_net.main(train_net.default_argument_parser().parse_args(["--config-file", TINY, *opts]))
         assert set(results) == set(VAL_SETS), sorted(results)
         assert set(results["coco_2017_val_panoptic_psalm"]) >= {"panoptic_seg"}
         for name in ("coco_interactive_val_point", "coco_interactive_val_scribble", "coco_interactive_val_box",

@@ -37,13 +37,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from psalm.config import get_psalm_cfg  # noqa: E402
-from psalm.engine import PSALMCheckpointer, PSALMTrainer, launch, resolve_device  # noqa: E402
-from psalm.engine.evaluation import ALLOW_MISSING_FLAG, load_weights_for_evaluation, write_results  # noqa: E402
+from psalm.engine import PSALMTrainer, launch, resolve_device  # noqa: E402
+from psalm.engine.defaults import default_argument_parser, train_or_evaluate  # noqa: E402
 from psalm.model_dir import apply_model_dir_weights, save_tokenizer_to  # noqa: E402
 
 logger = logging.getLogger("psalm.tools.train_net")
@@ -70,34 +70,11 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = PSALMTrainer.build_model(cfg)
-        checkpointer = PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        path = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
-        # an empty path or a checkpoint that leaves tensors missing is an error unless --allow-missing-keys
-        load_weights_for_evaluation(model, path, allow_missing=args.allow_missing_keys)
-        results = PSALMTrainer.test(cfg, model)
-        write_results(cfg, results)
-        return results
-    trainer = PSALMTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
-    write_results(cfg, results)
-    return results
-
-
-def build_parser():
-    """detectron2's ``default_argument_parser`` plus ``--allow-missing-keys`` (for ``--eval-only``)."""
-    parser = default_argument_parser()
-    parser.add_argument(ALLOW_MISSING_FLAG, dest="allow_missing_keys", action="store_true",
-                        help="--eval-only: evaluate even if MODEL.WEIGHTS is empty or leaves model tensors missing "
-                             "(they keep their random initialisation; the metrics are then meaningless)")
-    return parser
+    return train_or_evaluate(PSALMTrainer, setup(args), args)
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
+    args = default_argument_parser().parse_args()
     launch(
         main,
         args.num_gpus,

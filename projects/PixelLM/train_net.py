@@ -22,11 +22,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
-from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from psalm.engine.evaluation import write_results  # noqa: E402
+from psalm.engine.defaults import default_argument_parser, train_or_evaluate  # noqa: E402
 from psalm.engine import launch, resolve_device  # noqa: E402
 
 from pixellm import get_pixellm_cfg  # noqa: E402
@@ -47,18 +47,7 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = PixelLMTrainer.build_model(cfg)
-        PixelLMTrainer.initialize_weights(cfg, model)
-        results = PixelLMTrainer.test(cfg, model)
-        write_results(cfg, results)
-        return results
-    trainer = PixelLMTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
-    write_results(cfg, results)
-    return results
+    return train_or_evaluate(PixelLMTrainer, setup(args), args)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from psalm.engine.evaluation import write_results  # noqa: E402
-from psalm.engine import PSALMCheckpointer, launch, resolve_device  # noqa: E402
-from psalm.engine.checkpoint import load_model_weights  # noqa: E402
+from psalm.engine.defaults import default_argument_parser, train_or_evaluate  # noqa: E402
+from psalm.engine import launch, resolve_device  # noqa: E402
 
 from pixel_sail import get_pixel_sail_cfg  # noqa: E402
 from pixel_sail.engine import PixelSAILTrainer  # noqa: E402
@@ -56,22 +55,7 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = PixelSAILTrainer.build_model(cfg)
-        checkpointer = PSALMCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        path = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
-        if not path:
-            raise ValueError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
-        load_model_weights(model, path)
-        results = PixelSAILTrainer.test(cfg, model)
-        write_results(cfg, results)
-        return results
-    trainer = PixelSAILTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()
-    write_results(cfg, results)
-    return results
+    return train_or_evaluate(PixelSAILTrainer, setup(args), args)
 
 
 if __name__ == "__main__":

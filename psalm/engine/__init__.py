@@ -1,6 +1,7 @@
 """Training engine: ``PSALMTrainer`` (detectron2 ``DefaultTrainer`` conventions), atomic and
 sharding-aware checkpoints with exact resume, DDP / FSDP / ZeRO wrapping and CPU (gloo) launching, and the
 one evaluation path of every tool (:mod:`.evaluation`)."""
+from .defaults import default_argument_parser, train_or_evaluate
 from .checkpoint import OptimizerState, PerRankState, PSALMCheckpointer, atomic_save, atomic_write_text
 from .evaluation import build_test_loader, evaluate_dataset, evaluate_datasets, load_weights_for_evaluation
 from .distributed import SHARDING_MODES, full_params_for_inference, launch, unwrap_model, wrap_model
@@ -34,4 +35,6 @@ __all__ = [
     "evaluate_dataset",
     "evaluate_datasets",
     "load_weights_for_evaluation",
+    "default_argument_parser",
+    "train_or_evaluate",
 ]

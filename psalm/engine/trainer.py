@@ -284,29 +284,28 @@ class PSALMTrainer(DefaultTrainer):
         self.initialize_weights(self.cfg, self.model)
         self.start_iter = 0
 
-    @staticmethod
-    def initialize_weights(cfg, model):
+    @classmethod
+    def initialize_weights(cls, cfg, model):
         """Load ``MODEL.PSALM.INIT.WEIGHTS`` (+ ``MODEL.WEIGHTS``) into ``model`` strictly by prefix.
 
-        Every key of the model comes from exactly one source (a file entry, the LLM's
-        ``NAME_OR_PATH`` weights, or ``MODEL.PSALM.INIT.RANDOM``); a frozen parameter left random is an
-        error unless ``MODEL.PSALM.INIT.FROM_SCRATCH`` or ``FROZEN_RANDOM``. Returns the
-        :class:`psalm.checkpoint.init.InitPlan`.
+        Every key of the model comes from exactly one source (a file entry, weights the model holds since
+        it was built (:meth:`prebuilt_weight_sources`), or ``MODEL.PSALM.INIT.RANDOM``); a frozen
+        parameter left random is an error unless ``MODEL.PSALM.INIT.FROM_SCRATCH`` or ``FROZEN_RANDOM``.
+        Returns the :class:`psalm.checkpoint.init.InitPlan`.
         """
-        from psalm.checkpoint.init import llm_weights_dir, parse_init_entries, plan_initialization
+        from psalm.checkpoint.init import parse_init_entries, plan_initialization
 
         from .checkpoint import load_partial_state_dict
 
         init = cfg.MODEL.PSALM.INIT
         entries = parse_init_entries(list(init.WEIGHTS), cfg.MODEL.WEIGHTS)
-        llm_dir = llm_weights_dir(cfg)
         bare = unwrap_model(model)
         plan = plan_initialization(
             {k: tuple(v.shape) for k, v in bare.state_dict().items()},
             entries,
             random_patterns=list(init.RANDOM),
             from_scratch=bool(init.FROM_SCRATCH),
-            prebuilt={"llm.": f"MODEL.PSALM.LLM.NAME_OR_PATH ({llm_dir})"} if llm_dir else None,
+            prebuilt=cls.prebuilt_weight_sources(cfg),
             frozen=[n for n, p in bare.named_parameters() if not p.requires_grad],
             frozen_random=list(init.FROZEN_RANDOM),
         )
@@ -314,6 +313,22 @@ class PSALMTrainer(DefaultTrainer):
             load_partial_state_dict(model, plan.state_dict)
         logger.info("Initial weights (iteration 0):\n%s", plan.summary())
         return plan
+
+    @classmethod
+    def prebuilt_weight_sources(cls, cfg) -> dict | None:
+        """``{state-dict prefix: description}`` of the weights the model already holds when built (PSALM: the
+        LLM loaded from ``MODEL.PSALM.LLM.NAME_OR_PATH``), for :meth:`initialize_weights`. Projects override it."""
+        from psalm.checkpoint.init import llm_weights_dir
+
+        llm_dir = llm_weights_dir(cfg)
+        return {"llm.": f"MODEL.PSALM.LLM.NAME_OR_PATH ({llm_dir})"} if llm_dir else None
+
+    @classmethod
+    def weights_loaded_at_build(cls, cfg) -> str:
+        """Non-empty (a description) when building the model loads ALL its weights (e.g. a converted release
+        directory): ``--eval-only`` then evaluates it as built when no ``MODEL.WEIGHTS`` is given
+        (:func:`psalm.engine.defaults.train_or_evaluate`). PSALM: never ("")."""
+        return ""
 
     # ------------------------------------------------------------------ state (iteration + hooks)
     def state_dict(self):

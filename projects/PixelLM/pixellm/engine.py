@@ -80,8 +80,15 @@ class PixelLMTrainer(PSALMTrainer):
         model = super().build_model(cfg)
         return model.to(cfg.MODEL.DEVICE)
 
-    @staticmethod
-    def initialize_weights(cfg, model):
+    @classmethod
+    def weights_loaded_at_build(cls, cfg) -> str:
+        """A converted release (``MODEL.PIXELLM.MODEL_DIR``) is loaded, strictly, when the model is built:
+        ``--eval-only`` evaluates it as built when no ``MODEL.WEIGHTS`` is given."""
+        d = cfg.MODEL.PIXELLM.MODEL_DIR
+        return f"MODEL.PIXELLM.MODEL_DIR ({d})" if d else ""
+
+    @classmethod
+    def initialize_weights(cls, cfg, model):
         """The weights were loaded (strictly) when the model was built from ``MODEL.PIXELLM.MODEL_DIR``,
         or are random by ``MODEL.PIXELLM.ALLOW_RANDOM_INIT``; ``MODEL.WEIGHTS`` (a checkpoint of this
         trainer) is loaded on top when given."""

@@ -29,31 +29,16 @@ class PixelSAILTrainer(PSALMTrainer):
             raise ValueError(f"PixelSAILTrainer needs MODEL.META_ARCHITECTURE 'PixelSAIL', got {cfg.MODEL.META_ARCHITECTURE!r}")
         return super().build_model(cfg)
 
-    @staticmethod
-    def initialize_weights(cfg, model):
+    @classmethod
+    def prebuilt_weight_sources(cls, cfg) -> dict:
         """psalm's strict initial-weights plan (``MODEL.PSALM.INIT.*`` + ``MODEL.WEIGHTS``: every key from
         exactly one source), with the LLM's source being how it was built: ``MODEL.PIXEL_SAIL.LLM.INIT``
         "pretrained" (loaded from NAME_OR_PATH) or "random" (declared from scratch). psalm's own rule reads
         ``MODEL.PSALM.LLM``, which this project does not use."""
-        from psalm.checkpoint.init import parse_init_entries, plan_initialization
-        from psalm.engine.checkpoint import load_partial_state_dict
-        from psalm.engine.distributed import unwrap_model
-
-        init = cfg.MODEL.PSALM.INIT
         llm = cfg.MODEL.PIXEL_SAIL.LLM
-        bare = unwrap_model(model)
-        plan = plan_initialization(
-            {k: tuple(v.shape) for k, v in bare.state_dict().items()},
-            parse_init_entries(list(init.WEIGHTS), cfg.MODEL.WEIGHTS),
-            random_patterns=list(init.RANDOM), from_scratch=bool(init.FROM_SCRATCH),
-            prebuilt={"llm.": f"MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH ({llm.NAME_OR_PATH})" if llm.INIT == "pretrained"
-                      else "random initialisation (MODEL.PIXEL_SAIL.LLM.INIT 'random')"},
-            frozen=[n for n, p in bare.named_parameters() if not p.requires_grad],
-            frozen_random=list(init.FROZEN_RANDOM))
-        if plan.state_dict:
-            load_partial_state_dict(model, plan.state_dict)
-        logger.info("Initial weights (iteration 0):\n%s", plan.summary())
-        return plan
+        if llm.INIT == "pretrained":
+            return {"llm.": f"MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH ({llm.NAME_OR_PATH})"}
+        return {"llm.": "random initialisation (MODEL.PIXEL_SAIL.LLM.INIT 'random')"}
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROJECT
+from pixelsail_testing import PROJECT
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ psalm's kernels with fixed points."""
 import pytest
 import torch
 
-from conftest import make_input
+from pixelsail_testing import make_input
 
 
 class FixedPoints:

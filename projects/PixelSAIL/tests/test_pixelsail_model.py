@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_input
+from pixelsail_testing import make_input
 
 
 # ----------------------------------------------------------------------------------- resize / patches

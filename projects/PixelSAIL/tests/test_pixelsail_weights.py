@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import PROJECT
+from pixelsail_testing import PROJECT
 
 
 def _official_layout(model):

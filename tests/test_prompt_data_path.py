@@ -204,3 +204,16 @@ def test_builder_is_shared_per_tokenizer_and_class_order_is_validated(tokenizer_
     n_img, q = 4, 5
     spliced = b1.spliced_length(p, n_img, q)
     assert spliced == len(p.input_ids) - 3 - 2 + n_img + q + sum(len(t) for t in p.class_token_ids)
+
+
+def test_mapped_prompts_cross_worker_boundaries(tokenizer_dir):
+    """Loader workers send mapped samples (and the mapper itself) through pickle: the prompt survives intact."""
+    import pickle
+
+    cfg = _cfg(tokenizer_dir)
+    mapper = PSALMDatasetMapper(cfg, is_train=True, task="instance", class_names=NAMES)
+    clone = pickle.loads(pickle.dumps(mapper))
+    a = mapper(_dict("instance"), rng=np.random.default_rng(3))["prompt"]
+    b = pickle.loads(pickle.dumps(clone(_dict("instance"), rng=np.random.default_rng(3))))["prompt"]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.class_order, b.class_order)
+    assert all(torch.equal(x, y) for x, y in zip(a.class_token_ids, b.class_token_ids))

@@ -11,6 +11,10 @@
   ``torch.distributed.optim.ZeroRedundancyOptimizer`` (optimiser states sharded across ranks).
 * ``SOLVER.TRAINABLE_PARAMETERS``: ``fnmatch`` patterns of parameter names; when given, every other
   parameter is frozen (stage 1: ``["projector.*"]``).
+* ``SOLVER.LR_SCHEDULER_NAME``: detectron2's (``"WarmupMultiStepLR"``, ``"WarmupCosineLR"``) or
+  ``"WarmupDecayLR"`` (DeepSpeed's, which LLaVA-family code such as PixelLM trains with): a linear ramp
+  from ``WARMUP_FACTOR`` x ``BASE_LR`` to ``BASE_LR`` over ``WARMUP_ITERS``, then a linear decay that
+  reaches 0 at ``MAX_ITER`` (:func:`build_lr_scheduler`).
 * ``SOLVER.CLIP_GRADIENTS``: ``CLIP_TYPE`` ``"full_model"`` (one norm over all gradients, as
   Mask2Former), ``"norm"`` (per parameter, detectron2) or ``"value"``. Applied by the trainer after
   gradient unscaling, never by wrapping the optimiser class.
@@ -25,7 +29,14 @@ import torch
 from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 
-__all__ = ["build_optimizer", "apply_trainable_patterns", "clip_gradients", "OPTIMIZERS", "OPTIMIZER_IMPLS"]
+__all__ = [
+    "build_optimizer",
+    "build_lr_scheduler",
+    "apply_trainable_patterns",
+    "clip_gradients",
+    "OPTIMIZERS",
+    "OPTIMIZER_IMPLS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +113,37 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's ``build_lr_scheduler`` plus ``"WarmupDecayLR"`` (module docstring), built from fvcore's
+    param schedulers under detectron2's ``LRMultiplier`` (so it checkpoints and resumes like the others).
+
+    ``WarmupDecayLR`` at iteration t, w = ``WARMUP_ITERS``, T = ``MAX_ITER``, f = ``WARMUP_FACTOR``:
+    ``BASE_LR * (f + (1 - f) * t / w)`` for t < w, then ``BASE_LR * (T - t) / (T - w)`` (DeepSpeed's
+    ``WarmupDecayLR`` with ``warmup_type "linear"`` and ``warmup_min_lr = f * BASE_LR``).
+    """
+    from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+    from detectron2.solver.lr_scheduler import LRMultiplier
+    from fvcore.common.param_scheduler import CompositeParamScheduler, LinearParamScheduler
+
+    s = cfg.SOLVER
+    if s.LR_SCHEDULER_NAME != "WarmupDecayLR":
+        return d2_build_lr_scheduler(cfg, optimizer)
+    if s.WARMUP_METHOD != "linear":
+        raise ValueError(f"SOLVER.LR_SCHEDULER_NAME 'WarmupDecayLR' warms up linearly; set SOLVER.WARMUP_METHOD "
+                         f"'linear' (got {s.WARMUP_METHOD!r})")
+    max_iter, warmup = int(s.MAX_ITER), int(s.WARMUP_ITERS)
+    if max_iter < 1 or not 0 <= warmup < max_iter:
+        raise ValueError(f"WarmupDecayLR needs 0 <= SOLVER.WARMUP_ITERS < SOLVER.MAX_ITER, got {warmup} / {max_iter}")
+    decay = LinearParamScheduler(1.0, 0.0)
+    if warmup == 0:
+        sched = decay
+    else:
+        w = warmup / max_iter
+        sched = CompositeParamScheduler([LinearParamScheduler(float(s.WARMUP_FACTOR), 1.0), decay],
+                                        lengths=[w, 1.0 - w], interval_scaling=["rescaled", "rescaled"])
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=max_iter)
 
 
 def _impl_kwargs(cfg) -> dict:

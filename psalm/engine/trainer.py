@@ -40,7 +40,6 @@ import torch
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import hooks as d2_hooks
 from detectron2.modeling import build_model
-from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
@@ -354,6 +353,9 @@ class PSALMTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
+        """:func:`psalm.engine.optim.build_lr_scheduler` (detectron2's schedules + ``"WarmupDecayLR"``)."""
+        from .optim import build_lr_scheduler
+
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod

@@ -54,16 +54,18 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
     return loss.mean(1).sum() / num_masks
 
 
-def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """``1 - (2 sum(p t) + 1) / (sum p + sum t + 1)`` per mask (``p = sigmoid``), summed / ``num_masks``.
+def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` per mask (``p = sigmoid``), summed / ``num_masks``.
 
     Args:
         inputs: [M, P] logits. targets: [M, P] in [0, 1].
+        smooth: s, in pixel (point) units: 1 is Mask2Former's (and PSALM's); LISA-style code (PixelLM)
+            uses 1e-3 (its ``scale=1000, eps=1e-6``).
     """
     probs = inputs.sigmoid()
     numerator = 2.0 * (probs * targets).sum(-1)
     denominator = probs.sum(-1) + targets.sum(-1)
-    return (1.0 - (numerator + 1.0) / (denominator + 1.0)).sum() / num_masks
+    return (1.0 - (numerator + smooth) / (denominator + smooth)).sum() / num_masks
 
 
 def next_token_loss(

@@ -450,3 +450,18 @@ def test_bf16_inference(tok_dir):
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert (out.float() - ref).abs().max() < 0.25 * ref.abs().max() + 0.1
     assert len(generate(m, [dict(x, input_ids=[x["input_ids"][0][:-8]])], max_new_tokens=2)[0]["answers"]) == 1
+
+
+def test_official_dice_is_psalm_dice_with_official_smoothing():
+    """The official dice (scale 1000, eps 1e-6) written out equals psalm's dice_loss with smooth 1e-3."""
+    import torch
+
+    from pixellm.modeling.losses import official_dice_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 500, generator=g, dtype=torch.float64)
+    t = (torch.rand(3, 500, generator=g, dtype=torch.float64) > 0.7).to(torch.float64)
+    t[2] = 0  # an empty target: where the smoothing decides the value
+    p = x.sigmoid()
+    want = (1 - (2 * (p / 1000 * t).sum(-1) + 1e-6) / ((p / 1000).sum(-1) + (t / 1000).sum(-1) + 1e-6)).sum() / 3
+    torch.testing.assert_close(official_dice_loss(x, t, 3.0), want, rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ mean over masks of the dice loss, every mask of the batch weighted equally (offi
 
 * ``num_points == 0`` (official): every pixel of the masks at the original image size, with the
   official dice ``1 - (2 sum(p t) + 1e-3) / (sum p + sum t + 1e-3)`` (the code's ``scale=1000,
-  eps=1e-6``: psalm's ``dice_loss`` uses Mask2Former's +1 smoothing instead);
+  eps=1e-6``): psalm's ``dice_loss`` with ``smooth=1e-3`` instead of Mask2Former's 1;
 * ``num_points > 0``: psalm's point sampling (importance sampling on the predicted logits) and
   psalm's ``sigmoid_ce_loss`` / ``dice_loss``.
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psalm.modeling.criterion import dice_loss as m2f_dice_loss
+from psalm.modeling.criterion import dice_loss as m2f_dice_loss  # Mask2Former's by default (smooth 1)
 from psalm.modeling.criterion import sigmoid_ce_loss
 from psalm.modeling.point_sampling import (
     calculate_uncertainty,
@@ -36,13 +36,13 @@ from psalm.modeling.point_sampling import (
 __all__ = ["PixelLMMaskLoss", "official_dice_loss", "overlap_weights"]
 
 
+OFFICIAL_DICE_SMOOTH = 1e-3  # the official scale=1000, eps=1e-6, in pixel units
+
+
 def official_dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """PixelLM/LISA dice on [M, P] logits / targets, summed over masks, divided by ``num_masks``."""
-    p = inputs.sigmoid()
-    scale, eps = 1000.0, 1e-6
-    num = 2 * (p / scale * targets).sum(-1)
-    den = (p / scale).sum(-1) + (targets / scale).sum(-1)
-    return (1 - (num + eps) / (den + eps)).sum() / num_masks
+    """PixelLM/LISA dice on [M, P] logits / targets, summed over masks, divided by ``num_masks``: psalm's
+    ``dice_loss`` with the official smoothing (the same function up to float rounding)."""
+    return m2f_dice_loss(inputs, targets, num_masks, smooth=OFFICIAL_DICE_SMOOTH)
 
 
 def overlap_weights(logits: torch.Tensor, targets_per_question: Sequence[int]) -> torch.Tensor:

@@ -449,6 +449,28 @@ def full_size_tokenizer(directory: pathlib.Path, vocab_size: int) -> pathlib.Pat
 
 
 # ============================================================================ shared small helpers
+def _record_panoptic(arrays: dict, i: int, out: dict) -> None:
+    """Image ``i``'s panoptic output (either side: detectron2-format ``panoptic_seg`` and ``sem_seg``) into ``arrays``."""
+    pan, segs = out["panoptic_seg"]
+    arrays[f"{i}.panoptic_seg"] = pan.cpu().numpy()
+    arrays[f"{i}.segments_info"] = np.array(json.dumps(segs))
+    sem = out["sem_seg"].float().cpu()
+    arrays[f"{i}.sem_argmax"] = sem.argmax(0).numpy().astype(np.int32)
+    arrays[f"{i}.sem_max"] = sem.max(0).values.numpy()
+
+
+def _finish_task(out_dir, side: str, task: str, rec: dict, arrays: dict, llm_len: list, results: dict) -> None:
+    rec["llm_length"] = llm_len[0] if llm_len else None
+    np.savez_compressed(out_dir / f"{side}_{task}.npz", **arrays)
+    results["tasks"][task] = rec
+
+
+def _write_side_results(out_dir, side: str, results: dict, rss_after_load) -> None:
+    results["peak_rss_mb"] = _peak_rss_mb()
+    results["rss_after_load_mb"] = rss_after_load
+    (out_dir / f"{side}_results.json").write_text(json.dumps(results, indent=1))
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -727,19 +749,10 @@ def role_official_run(spec: dict) -> None:
                     arrays[f"{i}.top1_query"] = np.array(int(topk_ids[-1][j]))
                     arrays[f"{i}.top1_score"] = np.array(float(scores[j]))
                 else:
-                    pan, segs = out["panoptic_seg"]
-                    arrays[f"{i}.panoptic_seg"] = pan.cpu().numpy()
-                    arrays[f"{i}.segments_info"] = np.array(json.dumps(segs))
-                    sem = out["sem_seg"].cpu()
-                    arrays[f"{i}.sem_argmax"] = sem.argmax(0).numpy().astype(np.int32)
-                    arrays[f"{i}.sem_max"] = sem.max(0).values.numpy()
+                    _record_panoptic(arrays, i, out)
                 logger.info("official %s image %d: %.3f s", task, i, rec["seconds"][-1])
-        rec["llm_length"] = llm_len[0] if llm_len else None
-        np.savez_compressed(out_dir / f"official_{task}.npz", **arrays)
-        results["tasks"][task] = rec
-    results["peak_rss_mb"] = _peak_rss_mb()
-    results["rss_after_load_mb"] = rss_after_load
-    (out_dir / "official_results.json").write_text(json.dumps(results, indent=1))
+        _finish_task(out_dir, "official", task, rec, arrays, llm_len, results)
+    _write_side_results(out_dir, "official", results, rss_after_load)
 
 
 # =================================================================================== psalm side
@@ -803,19 +816,10 @@ def role_psalm_run(spec: dict) -> None:
                 arrays[f"{i}.top1_query"] = np.array(int(inst.pred_query_ids[0]))
                 arrays[f"{i}.top1_score"] = np.array(float(inst.scores[0]))
             else:
-                pan, segs = out["panoptic_seg"]
-                arrays[f"{i}.panoptic_seg"] = pan.cpu().numpy()
-                arrays[f"{i}.segments_info"] = np.array(json.dumps(segs))
-                sem = out["sem_seg"].float().cpu()
-                arrays[f"{i}.sem_argmax"] = sem.argmax(0).numpy().astype(np.int32)
-                arrays[f"{i}.sem_max"] = sem.max(0).values.numpy()
+                _record_panoptic(arrays, i, out)
             logger.info("psalm %s image %d: %.3f s", task, i, rec["seconds"][-1])
-        rec["llm_length"] = llm_len[0] if llm_len else None
-        np.savez_compressed(out_dir / f"psalm_{task}.npz", **arrays)
-        results["tasks"][task] = rec
-    results["peak_rss_mb"] = _peak_rss_mb()
-    results["rss_after_load_mb"] = rss_after_load
-    (out_dir / "psalm_results.json").write_text(json.dumps(results, indent=1))
+        _finish_task(out_dir, "psalm", task, rec, arrays, llm_len, results)
+    _write_side_results(out_dir, "psalm", results, rss_after_load)
 
 
 # ========================================================================================= main

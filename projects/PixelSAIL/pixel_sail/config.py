@@ -50,6 +50,12 @@ def add_pixel_sail_config(cfg):
 
     # visual prompts <Prompt0> .. <Prompt{K-1}> + <NO_Prompt> (configs: K = 15)
     ps.NUM_VISUAL_PROMPTS = 15
+    # initial std of the bias-free vp_embed Linear(D, D) (the injected term is vp_embed(embed(<Prompt_k>))).
+    # compat 0.02 = transformers' _init_weights normal(0, initializer_range) that the official module gets
+    # (inferred, not stated in the spec). With from-scratch embeddings (std 0.02) and an untrained vis_embed
+    # the injected term then starts ~70x smaller than the patch embedding (tiny synthetic config: norm 0.05
+    # vs 3.7) and the prompt is drowned; a larger std (e.g. 0.5: norm ~1.3) makes it visible from the start.
+    ps.VP_EMBED_INIT_STD = 0.02
 
     # heads (sa2va_ST.py): pre-projector when D > PRE_PROJECTOR_MAX_DIM, up-sampling blocks to
     # UPSAMPLE_OUTPUT_STRIDE (compat: 2 as the code's block count gives; the paper says 4), image-feature

@@ -59,7 +59,7 @@ class PixelSAIL(nn.Module):
                  patch_size: int, num_visual_prompts: int, vision_bidirectional: bool = True,
                  mask_threshold: float = 0.5, max_new_tokens: int = 512, force_seg: str = "protocol",
                  forced_prefix: str = "It is [SEG].", distiller: Optional[Distiller] = None,
-                 max_length: int = 8192):
+                 max_length: int = 8192, vp_embed_init_std: float = 0.02):
         super().__init__()
         if force_seg not in ("protocol", "always", "never"):
             raise ValueError(f"MODEL.PIXEL_SAIL.TEST.FORCE_SEG must be protocol / always / never, got {force_seg!r}")
@@ -71,7 +71,7 @@ class PixelSAIL(nn.Module):
         self.vis_embed = nn.Linear(3 * patch_size * patch_size, D, bias=False)
         self.vp_embed = nn.Linear(D, D, bias=False)
         nn.init.normal_(self.vis_embed.weight, std=0.02)
-        nn.init.normal_(self.vp_embed.weight, std=0.02)
+        nn.init.normal_(self.vp_embed.weight, std=float(vp_embed_init_std))
         self.mask_head = mask_head
         self.criterion = criterion
         self.distiller = distiller
@@ -97,7 +97,7 @@ class PixelSAIL(nn.Module):
                     num_visual_prompts=ps.NUM_VISUAL_PROMPTS, vision_bidirectional=ps.VISION_BIDIRECTIONAL,
                     mask_threshold=ps.TEST.MASK_THRESHOLD, max_new_tokens=ps.TEST.MAX_NEW_TOKENS,
                     force_seg=ps.TEST.FORCE_SEG, forced_prefix=ps.TEST.FORCED_PREFIX,
-                    distiller=Distiller.from_cfg(cfg, D))
+                    distiller=Distiller.from_cfg(cfg, D), vp_embed_init_std=ps.VP_EMBED_INIT_STD)
 
     @property
     def device(self) -> torch.device:

@@ -71,6 +71,26 @@ def test_vp_injection_only_prompted_patches_and_overwrite(make_model):
     assert (table[-1] == 0).all() and (table[-2] == 0).all()
 
 
+def test_vp_embed_init_std_option(make_model):
+    """VP_EMBED_INIT_STD: compat 0.02 (the official module's normal(0, initializer_range), inferred); a larger
+    std scales the injected term vp_embed(embed(<Prompt_k>)) proportionally (issue #16: at 0.02 the term
+    starts far below the patch embedding of a from-scratch model)."""
+    from pixel_sail.patchify import patchify
+
+    base = make_model()
+    assert base.vp_embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    big = make_model("MODEL.PIXEL_SAIL.VP_EMBED_INIT_STD", 0.5)
+    assert big.vp_embed.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    for name, p in base.state_dict().items():  # nothing else changes (same seed, same draw order)
+        if name != "vp_embed.weight":
+            assert torch.equal(p, big.state_dict()[name]), name
+    with torch.no_grad():
+        t0, t1 = base.vp_table()[:-2].norm(dim=-1), big.vp_table()[:-2].norm(dim=-1)
+        vis = base.vis_embed(patchify(make_input(base)["pixel_values"], base.patch_size)).norm(dim=-1).mean()
+    torch.testing.assert_close(t1 / t0, torch.full_like(t0, 25.0), rtol=1e-4, atol=0)
+    assert float(t0.mean()) < 0.1 * float(vis)  # the compat term is drowned by the patch embedding at init
+
+
 # ----------------------------------------------------------------------------------- (b) attention mask
 def test_attention_mask_block_and_causal(make_model):
     from pixel_sail.sequence import build_sample, collate

@@ -36,6 +36,11 @@ def context_length(cfg) -> int:
     return int(min(cfg.MODEL.PSALM.MODEL_MAX_LENGTH, cfg.MODEL.PSALM.LLM.MAX_POSITION_EMBEDDINGS))
 
 
+def num_image_tokens(image_size: int) -> int:
+    """Image tokens per S x S input: (S / 64)^2 (the projector's output grid on res5)."""
+    return (int(image_size) // 64) ** 2
+
+
 class ClassContextBudget:
     """Spliced length of a category prompt, and class chunks / subsets that fit the context.
 
@@ -68,7 +73,7 @@ class ClassContextBudget:
             from psalm.data.prompt import build_prompt_builder
 
             builder = build_prompt_builder(cfg)
-        image_tokens = (int(cfg.INPUT.IMAGE_SIZE) // 64) ** 2
+        image_tokens = num_image_tokens(cfg.INPUT.IMAGE_SIZE)
         return cls(builder, context_length(cfg), image_tokens, int(cfg.MODEL.PSALM.NUM_MASK_TOKENS))
 
     def name_length(self, name: str) -> int:
@@ -154,7 +159,7 @@ class LazyClassBudget:
     def __init__(self, cfg):
         self.cfg = cfg.clone()
         self._budget: Optional[ClassContextBudget] = None
-        self._extra = (int(cfg.INPUT.IMAGE_SIZE) // 64) ** 2 + int(cfg.MODEL.PSALM.NUM_MASK_TOKENS)
+        self._extra = num_image_tokens(cfg.INPUT.IMAGE_SIZE) + int(cfg.MODEL.PSALM.NUM_MASK_TOKENS)
 
     def may_overflow(self, names: Sequence[str]) -> bool:
         bound = self._FIXED_BOUND + self._extra + sum(len(n.encode("utf-8")) + 4 for n in names)

@@ -228,7 +228,7 @@ class PSALMDatasetMapper:
                     build_prompts: Optional[bool] = None):
         """``build_prompts``: give the outputs their ``"prompt"``; None: when the config names a tokenizer
         (``MODEL.PSALM.TOKENIZER`` or ``MODEL.PSALM.LLM.NAME_OR_PATH``; without one no model can run)."""
-        from .class_budget import context_length
+        from .class_budget import context_length, num_image_tokens
 
         if build_prompts is None:
             build_prompts = bool(cfg.MODEL.PSALM.TOKENIZER or cfg.MODEL.PSALM.LLM.NAME_OR_PATH)
@@ -247,7 +247,7 @@ class PSALMDatasetMapper:
                 prompt_builder=build_prompt_builder(cfg),
                 shuffle_classes=cfg.MODEL.PSALM.SHUFFLE_CLASSES_TRAIN,
                 context_length=context_length(cfg),
-                num_image_tokens=(int(cfg.INPUT.IMAGE_SIZE) // 64) ** 2,
+                num_image_tokens=num_image_tokens(cfg.INPUT.IMAGE_SIZE),
                 num_mask_tokens=cfg.MODEL.PSALM.NUM_MASK_TOKENS,
             )
         if dataset_name is not None:
@@ -382,7 +382,7 @@ class PSALMDatasetMapper:
         try:
             prompt = prompt_for_input(
                 self.prompt_builder, out, shuffle_classes=self.is_train and self.shuffle_classes, rng=rng,
-                generation=not self.is_train, where=where,
+                generation=not self.is_train, where="the mapped input",
             )
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e

@@ -29,14 +29,14 @@ __all__ = ["model_class_budget", "maybe_chunked_category_inference"]
 
 def model_class_budget(model, image_size: int):
     """The :class:`~psalm.data.class_budget.ClassContextBudget` of ``model`` for S x S inputs."""
-    from psalm.data.class_budget import ClassContextBudget
+    from psalm.data.class_budget import ClassContextBudget, num_image_tokens
 
     cache = model.__dict__.setdefault("_psalm_class_budgets", {})
     if image_size not in cache:
         builder = model._require_prompt_builder()
         context = min(builder.model_max_length, int(model.llm.config.max_position_embeddings))
         cache[image_size] = ClassContextBudget(
-            builder, context, (int(image_size) // 64) ** 2, int(model.mask_tokens.shape[0])
+            builder, context, num_image_tokens(image_size), int(model.mask_tokens.shape[0])
         )
     return cache[image_size]
 

@@ -22,13 +22,19 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_pixellm_data_for_cfg(cfg) -> None:
-    """Register the project's data sets (synthetic MUSE with the config's scene spec) and write the
-    tiny tokenizer at ``MODEL.PIXELLM.TOKENIZER`` when the config uses synthetic data and it is missing."""
+    """Register the project's data sets (synthetic MUSE with the config's scene spec) and psalm's
+    (``psalm_synthetic_*`` generated and registered with the config's root and spec when used), and
+    write the tiny tokenizer at ``MODEL.PIXELLM.TOKENIZER`` when the config uses synthetic data and it
+    is missing."""
     from psalm.data.datasets.synthetic import synthetic_spec_from_cfg
 
     from .data.datasets import register_pixellm_datasets, register_synthetic_muse, save_tiny_pixellm_tokenizer
 
     register_pixellm_datasets()
+    import psalm.data.datasets  # noqa: F401  (registers psalm's data sets: referring / semantic members)
+    from psalm.data.datasets.synthetic import prepare_synthetic_for_cfg
+
+    prepare_synthetic_for_cfg(cfg)  # psalm_synthetic_* members with the config's root and scene spec
     names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
     if any(n.startswith("pixellm_synthetic_muse") for n in names):
         root = os.path.join(cfg.DATASETS.SYNTHETIC.ROOT, "pixellm_muse") if cfg.DATASETS.SYNTHETIC.ROOT else None
@@ -55,18 +61,11 @@ def _model_image_size(model_dir) -> int:
 
 
 def _training_items(dicts: list, name: str) -> list:
-    """Training items of a data set: multi-target dicts (MUSE format) and LLaVA conversations as
-    they are; referring records grouped per image (converted to multi-target questions by the mapper
-    at every draw, with the draw's RNG, as the official conversion)."""
-    if not dicts or "questions" in dicts[0] or "conversations" in dicts[0]:
-        return dicts
-    if "sentences" in dicts[0] and "annotations" in dicts[0]:
-        by_image: dict = {}
-        for d in dicts:
-            by_image.setdefault(d["file_name"], []).append(d)
-        return list(by_image.values())
-    raise ValueError(f"data set {name!r}: PixelLM trains on MUSE-format, referring or LLaVA-conversation dicts "
-                     f"(got keys {sorted(dicts[0])})")
+    """Training items of a data set (MUSE-format, referring, semantic, LLaVA): see
+    :func:`pixellm.data.datasets.training_items`."""
+    from .data.datasets import training_items
+
+    return training_items(dicts, name)
 
 
 class PixelLMTrainer(PSALMTrainer):

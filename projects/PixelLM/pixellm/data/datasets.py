@@ -6,6 +6,14 @@
 | ``pixellm_synthetic_muse_{train,val,test}`` | multi-target questions on psalm's synthetic scenes in the MUSE format, generated on first use under ``$PIXELLM_SYNTHETIC_DIR`` (default ``datasets/pixellm_synthetic_muse``) |
 
 ``val`` is the dev split (choices are made there); ``test`` is for reported figures only.
+
+Training members (:func:`training_items`, one kind per ``DATASETS.TRAIN`` entry): MUSE-format
+multi-target dicts (``multi_reason_seg``), psalm's referring data sets (``refer_seg``, converted per
+image by :func:`~pixellm.data.muse.multi_target_from_referring`), psalm's semantic data sets
+(``sem_seg``: ``task == "semantic"`` dicts with ``sem_seg_file_name`` and metadata ``stuff_classes`` /
+``ignore_label``, e.g. ``ade20k_sem_seg_train_psalm``, ``coco_2017_train_semantic_psalm``,
+``psalm_synthetic_train_semantic``; converted by :func:`~pixellm.data.muse.multi_target_from_semantic`)
+and LLaVA conversations (``vqa``).
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .muse import load_muse_json, prepare_synthetic_muse
 
-__all__ = ["register_pixellm_datasets", "register_synthetic_muse", "PixelLMTrainLoader", "save_tiny_pixellm_tokenizer"]
+__all__ = ["register_pixellm_datasets", "register_synthetic_muse", "PixelLMTrainLoader", "save_tiny_pixellm_tokenizer",
+           "training_items"]
 
 MUSE_SPLITS = ("train", "val", "test_less", "test_many")
 
@@ -83,13 +92,55 @@ def save_tiny_pixellm_tokenizer(directory, num_codebook_tokens: int = 6) -> str:
     return str(directory)
 
 
+def training_items(dicts: list, name: str, metadata=None) -> list:
+    """The training items of data set ``name`` (what :class:`PixelLMTrainLoader` draws and the mapper maps).
+
+    * MUSE-format multi-target dicts (``questions``) and LLaVA conversations (``conversations``): as they are;
+    * referring records (``sentences`` + ``annotations``): grouped per image (a list per image),
+      converted to multi-target questions by the mapper at every draw, with the draw's RNG;
+    * semantic dicts (``task == "semantic"`` in the dicts or the metadata): each dict with the data
+      set's ``stuff_classes`` and ``ignore_label`` (default 255) attached, converted to class
+      questions by the mapper at every draw (:func:`~pixellm.data.muse.multi_target_from_semantic`).
+
+    Args:
+        metadata: the data set's metadata (anything with ``.get``); default ``MetadataCatalog.get(name)``.
+    """
+    if not dicts or "questions" in dicts[0] or "conversations" in dicts[0]:
+        return dicts
+    if "sentences" in dicts[0] and "annotations" in dicts[0]:
+        by_image: dict = {}
+        for d in dicts:
+            by_image.setdefault(d["file_name"], []).append(d)
+        return list(by_image.values())
+    meta = MetadataCatalog.get(name) if metadata is None else metadata
+    if dicts[0].get("task") == "semantic" or meta.get("task", None) == "semantic":
+        return _semantic_items(dicts, name, meta)
+    raise ValueError(f"data set {name!r}: PixelLM trains on MUSE-format, referring, semantic (task 'semantic') or "
+                     f"LLaVA-conversation dicts (got keys {sorted(dicts[0])})")
+
+
+def _semantic_items(dicts: list, name: str, meta) -> list:
+    classes = meta.get("stuff_classes", None)
+    if not classes:
+        raise ValueError(f"semantic data set {name!r}: its metadata has no 'stuff_classes' (the class name of each "
+                         "label value), needed to name the targets")
+    missing = [i for i, d in enumerate(dicts) if not d.get("sem_seg_file_name")]
+    if missing:
+        raise ValueError(f"semantic data set {name!r}: {len(missing)} dicts have no 'sem_seg_file_name' (the label-map "
+                         f"PNG), e.g. dict {missing[0]} ({dicts[missing[0]].get('file_name')!r})")
+    classes = tuple(str(c) for c in classes)  # one shared tuple for every dict
+    ignore = int(meta.get("ignore_label", 255))
+    return [dict(d, task="semantic", stuff_classes=classes, ignore_label=ignore) for d in dicts]
+
+
 class PixelLMTrainLoader:
     """Infinite batches of mapped dicts drawn from several data sets with fixed ratios.
 
     Each batch is ``ims_per_batch`` images; each image's data set is drawn with probability
     proportional to ``ratios`` (official mixture 2:9:2:4 for sem_seg / refer_seg / vqa / MUSE), the
     image uniformly. Deterministic in (seed, step); ``state_dict`` / ``load_state_dict`` resume it.
-    Dicts the mapper rejects (every question over the length limit) are replaced by another draw.
+    Items the mapper rejects (every question over the length limit; a label map with no class) are
+    replaced by another draw.
     """
 
     def __init__(self, datasets: list[list[dict]], ratios, mapper, ims_per_batch: int, seed: int = 0):

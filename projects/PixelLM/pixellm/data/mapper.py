@@ -1,10 +1,19 @@
 """``PixelLMDatasetMapper``: a multi-target dataset dict -> the model input dict (see ``meta_arch``).
 
-Per question: the MUSE question template (``"<image>\\n{question} Please respond with segmentation
-mask."``), and the answer = ``text_answers[i]`` with each ``{seg}`` replaced by one codebook group,
-or (no text answer) the official templates ``"{a} is [SEG]."`` / ``"{a, b and c} are [SEG], [SEG]
-and [SEG], separately."``. A conversation longer than ``max_length`` tokens is DROPPED with its
-targets (never truncated through a codebook group); drops are counted (``num_dropped``) and logged.
+Per question: the dict's ``question_template`` (default the MUSE one, ``"<image>\\n{question} Please
+respond with segmentation mask."``; the referring / semantic conversions give ``"<image>\\n{question}"``
+with the official short questions) and the answer = ``text_answers[i]`` with each ``{seg}`` replaced
+by one codebook group, or (no text answer: MUSE) the official MR templates ``"{a} is [SEG]."`` /
+``"{a, b and c} are [SEG], [SEG] and [SEG], separately."``. A conversation longer than ``max_length``
+tokens is DROPPED with its targets (never truncated through a codebook group); drops are counted
+(``num_dropped``) and logged.
+
+Besides multi-target dicts the mapper takes the other training items of the mixture (see
+:func:`pixellm.data.datasets.training_items`), converted at every draw with the draw's RNG:
+a list of referring records of one image (:func:`~pixellm.data.muse.multi_target_from_referring`),
+a semantic dict (``task == "semantic"``, :func:`~pixellm.data.muse.multi_target_from_semantic`) and
+a LLaVA conversation (``conversations``, CE only). A target's mask is its ``mask`` (bool [H, W]) when
+given, else its ``segmentation`` (polygons / RLE).
 """
 from __future__ import annotations
 
@@ -17,17 +26,15 @@ from psalm.evaluation.masks import annotation_to_mask
 from psalm.utils.image_io import read_image_rgb
 
 from ..modeling.vision import preprocess_clip_image
-from .prompt import IMAGE_TOKEN, build_conversation, codebook_group, tokenize_conversation, tokenizer_image_token
+from .muse import multi_target_from_referring, multi_target_from_semantic
+from .prompt import (IMAGE_TOKEN, build_conversation, codebook_group, join_phrases, tokenize_conversation,
+                     tokenizer_image_token)
 
 __all__ = ["PixelLMDatasetMapper", "answer_text", "QUESTION_TEMPLATE"]
 
 logger = logging.getLogger(__name__)
 QUESTION_TEMPLATE = IMAGE_TOKEN + "\n{sent} Please respond with segmentation mask."
 _MULTI = ("{names} are {seg}, separately.", "{names} are {seg}.", "Sure, {names} are {seg}.")
-
-
-def _listed(items):
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def answer_text(names, text_answer, group: str, rng: np.random.Generator | None = None) -> str:
@@ -39,7 +46,17 @@ def answer_text(names, text_answer, group: str, rng: np.random.Generator | None 
     if len(names) == 1:
         return f"{names[0]} is {group}."
     tpl = _MULTI[int(rng.integers(len(_MULTI)))] if rng is not None else _MULTI[0]
-    return tpl.format(names=_listed(list(names)), seg=_listed([group] * len(names)))
+    return tpl.format(names=join_phrases(names), seg=join_phrases([group] * len(names)))
+
+
+def _target_mask(target: dict, h: int, w: int) -> np.ndarray:
+    """bool [h, w] of a target: its ``mask`` when given, else its ``segmentation``."""
+    if "mask" not in target:
+        return annotation_to_mask(target["segmentation"], h, w)
+    m = np.asarray(target["mask"], dtype=bool)
+    if m.shape != (h, w):
+        raise ValueError(f"target {target.get('name')!r}: mask is {m.shape}, the image is {(h, w)}")
+    return m
 
 
 class PixelLMDatasetMapper:
@@ -65,12 +82,14 @@ class PixelLMDatasetMapper:
 
     def __call__(self, d, rng: np.random.Generator | None = None) -> dict | None:
         if isinstance(d, list):  # the referring records of one image -> a multi-target dict
-            from .muse import multi_target_from_referring
-
             converted = multi_target_from_referring(d, rng if rng is not None else np.random.default_rng(0))
             if not converted:
                 return None
             d = converted[0]
+        elif d.get("task") == "semantic" and "questions" not in d:  # a label map -> class questions
+            d = multi_target_from_semantic(d, rng if rng is not None else np.random.default_rng(0))
+            if d is None:
+                return None
         if "questions" not in d and "conversations" in d:
             return self._vqa(d)
         image = read_image_rgb(d["file_name"])
@@ -81,7 +100,7 @@ class PixelLMDatasetMapper:
         ids, labels, prompts, masks, names_all = [], [], [], [], []
         for q, targets, ta in zip(d["questions"], d["targets"], d.get("text_answers") or [None] * len(d["questions"])):
             names = [t["name"] for t in targets]
-            question = QUESTION_TEMPLATE.format(sent=q)
+            question = d.get("question_template", QUESTION_TEMPLATE).format(sent=q)
             conv = build_conversation(question, answer_text(names, ta, self.group, rng if self.is_train else None),
                                       eos_token=self.eos)
             i, lab = tokenize_conversation(self.tokenizer, conv)
@@ -92,7 +111,7 @@ class PixelLMDatasetMapper:
                 continue
             ids.append(i), labels.append(lab)
             prompts.append(tokenizer_image_token(build_conversation(question), self.tokenizer))
-            masks += [annotation_to_mask(t["segmentation"], h, w) for t in targets]
+            masks += [_target_mask(t, h, w) for t in targets]
             names_all.append(names)
         if not ids:
             return None

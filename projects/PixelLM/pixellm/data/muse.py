@@ -1,6 +1,6 @@
 """MUSE (multi-target reasoning segmentation) data: the released JSON format, its loader, the
-synthetic MUSE-format data generated from psalm's scenes, and the multi-target conversion of
-referring data.
+synthetic MUSE-format data generated from psalm's scenes, and the multi-target conversions of
+referring and semantic data (official ``refer_seg`` / ``sem_seg`` members of the mixture).
 
 Released format (spec A2.5): a JSON list, one dict per image: ``file_name`` (or ``coco_url``),
 ``height``, ``width``, ``ann_list`` (LVIS-style annotations: ``segmentation`` polygons or RLE,
@@ -10,7 +10,18 @@ Released format (spec A2.5): a JSON list, one dict per image: ``file_name`` (or 
 
 Dataset dicts (what :class:`pixellm.data.mapper.PixelLMDatasetMapper` reads): ``file_name``,
 ``height``, ``width``, ``image_id``, ``questions`` (list[str]), ``targets`` (per question, a list of
-annotation dicts with ``segmentation`` and ``name``), ``text_answers`` (per question, str or None).
+annotation dicts with ``segmentation`` (or ``mask``, bool [H, W]) and ``name``), ``text_answers`` (per
+question, str or None) and optionally ``question_template`` (the mapper's prompt around a question).
+
+Multi-target conversion (official ``refer_seg`` / ``sem_seg`` data, spec A2.2), one implementation
+for referring and semantic data: the candidate targets of an image (referred objects / classes
+present in the label map) are allocated to questions by :func:`allocate_targets` (official
+``allocate_class``: at most 3 x 3 candidates, min(3, n) questions of 1..3 targets), and each question
+and its answer are written by :func:`short_question_answer` with the official short templates
+(question ``"<image>\\nCan you segment the a, b and c in this image?"`` ...; answer ``"It is {seg}."``
+... for one target, ``"a is {seg}, b is {seg} and c is {seg}."`` ... or ``"a, b and c are {seg},
+{seg} and {seg}, separately."`` ... for several). The answers are ``text_answers`` with one
+``{seg}`` per target in target order; the mapper puts one codebook group in each.
 """
 from __future__ import annotations
 
@@ -23,8 +34,11 @@ import numpy as np
 
 from psalm.data.visual_prompts import encode_rle
 
+from .prompt import IMAGE_TOKEN, join_phrases
+
 __all__ = ["load_muse_json", "muse_records_to_dicts", "prepare_synthetic_muse", "multi_target_from_referring",
-           "target_name"]
+           "multi_target_from_semantic", "allocate_targets", "short_question_answer", "class_phrase", "target_name",
+           "SHORT_QUESTION_TEMPLATE"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +150,9 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
             k = int(rng.integers(1, min(max_targets, len(pool)) + 1))
             chosen = [pool[i] for i in rng.permutation(len(pool))[:k].tolist()]
             phrases = [names[t] for t in chosen]
-            listed = phrases[0] if k == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-            questions.append(f"Can you segment {listed} in this image?")
+            questions.append(f"Can you segment {join_phrases(phrases)} in this image?")
             answers.append([anns[t] for t in chosen])
-            parts = [f"{p} is {{seg}}" for p in phrases]
-            text_answers.append((parts[0] if k == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + ".")
+            text_answers.append(join_phrases([f"{p} is {{seg}}" for p in phrases]) + ".")
         records.append({"id": index, "file_name": file_name, "height": int(image.shape[0]),
                         "width": int(image.shape[1]), "ann_list": anns, "questions": questions,
                         "answers": answers, "text_answers": text_answers})
@@ -153,25 +165,99 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
 
 
 # ---------------------------------------------------------------------------------- conversion
+# Official templates of the refer_seg / sem_seg data (utils/utils.py SHORT_QUESTION_LIST, ANSWER_LIST,
+# SINGLE_ANSWER_LIST, MULTI_ANSWER_LIST); "{c}" = the target phrase(s), "{seg}" = one target's
+# codebook group. The questions hold "<image>\n" themselves (SHORT_QUESTION_TEMPLATE).
+SHORT_QUESTION_TEMPLATE = IMAGE_TOKEN + "\n{sent}"
+SHORT_QUESTIONS = ("Can you segment the {c} in this image?", "Please segment the {c} in this image.",
+                   "What is {c} in this image? Please respond with segmentation mask.",
+                   "What is {c} in this image? Please output segmentation mask.")
+ANSWERS_ONE = ("It is {seg}.", "Sure, {seg}.", "Sure, it is {seg}.", "Sure, the segmentation result is {seg}.",
+               "{seg}.")
+ANSWERS_EACH = ("{c} is {seg}.", "The segmentation result of {c} is {seg}.", "{seg}.")
+ANSWERS_ALL = ("{c} are {seg}, separately.", "{c} are {seg}.", "Sure, {c} are {seg}, separately.",
+               "Sure, {c} are {seg}.", "the segmentation result of {c} are {seg}.",
+               "the segmentation result of {c} are {seg}, separately.", "Sure, the segmentation result of {c} are {seg}.",
+               "Sure, the segmentation result of {c} are {seg}, separately.", "Sure, they are {seg}.",
+               "They are {seg}.", "{seg}.")
+
+
+def _pick(templates, rng: np.random.Generator) -> str:
+    return templates[int(rng.integers(len(templates)))]
+
+
+def short_question_answer(phrases, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, text answer) of one multi-target question (official refer_seg / sem_seg sample).
+
+    The question is a random short template with the phrases joined (``"a, b and c"``, lower-cased
+    as the official code); the answer, with one ``{seg}`` per target in ``phrases`` order, is a random
+    single-target answer for one phrase, else (probability 1/2 each) one per-target template
+    joined over the targets (``"a is {seg}, b is {seg} and c is {seg}."``) or one template for all
+    (``"a, b and c are {seg}, {seg} and {seg}, separately."``). Deterministic given ``rng``.
+    """
+    phrases = [str(x) for x in phrases]
+    listed = join_phrases(phrases).lower()
+    question = _pick(SHORT_QUESTIONS, rng).replace("{c}", listed)
+    separate = int(rng.integers(2))
+    if len(phrases) == 1:
+        return question, _pick(ANSWERS_ONE, rng)
+    if separate:
+        tpl = _pick(ANSWERS_EACH, rng)
+        return question, join_phrases([tpl.replace("{c}", p)[:-1] for p in phrases]) + "."
+    segs = join_phrases(["{seg}"] * len(phrases))
+    return question, _pick(ANSWERS_ALL, rng).replace("{c}", listed).replace("{seg}", segs)
+
+
+def allocate_targets(num_targets: int, rng: np.random.Generator, questions_per_image: int = 3,
+                     targets_per_question: int = 3) -> list[list[int]]:
+    """Random allocation of ``num_targets`` candidates to questions (official ``allocate_class``).
+
+    At most ``questions_per_image * targets_per_question`` candidates are drawn (without
+    replacement, random order); there are ``min(questions_per_image, drawn)`` questions, and each
+    drawn candidate goes, in turn, to a random question among those still without a target, else
+    among those with fewer than ``targets_per_question``. So every drawn candidate is used once and
+    every question has 1..``targets_per_question`` targets. Returns the candidate indices per
+    question in answer order; deterministic given ``rng``.
+    """
+    drawn = rng.permutation(int(num_targets))[: questions_per_image * targets_per_question].tolist()
+    groups: list[list[int]] = [[] for _ in range(min(questions_per_image, len(drawn)))]
+    for j in drawn:
+        counts = np.array([len(g) for g in groups])
+        free = np.flatnonzero(counts == 0) if (counts == 0).any() else np.flatnonzero(counts < targets_per_question)
+        groups[int(free[int(rng.integers(len(free)))])].append(j)
+    return groups
+
+
+def _multi_target_dict(file_name: str, height: int, width: int, image_id, groups: list[list[dict]],
+                       rng: np.random.Generator) -> dict | None:
+    """A multi-target dict of one image from its targets per question (``name`` each), with the
+    official short questions / answers (:func:`short_question_answer`)."""
+    qs, ts, tas = [], [], []
+    for targets in groups:
+        if not targets:
+            continue
+        q, a = short_question_answer([t["name"] for t in targets], rng)
+        qs.append(q), ts.append(targets), tas.append(a)
+    if not qs:
+        return None
+    return {"file_name": file_name, "height": int(height), "width": int(width), "image_id": image_id,
+            "questions": qs, "targets": ts, "text_answers": tas, "question_template": SHORT_QUESTION_TEMPLATE}
+
+
 def multi_target_from_referring(dataset_dicts: list[dict], rng: np.random.Generator, questions_per_image: int = 3,
                                 targets_per_question: int = 3) -> list[dict]:
     """Referring dicts (one per referred object: ``file_name``, ``height``, ``width``, ``sentences``,
-    ``annotations`` with ``segmentation``) -> multi-target dicts: per image up to
-    ``questions_per_image`` questions with up to ``targets_per_question`` targets each, the targets
-    randomly allocated (official ``allocate_class``); a random sentence names each target."""
+    ``annotations`` with ``segmentation``) -> multi-target dicts (see :func:`_multi_target_dict`): per
+    image up to ``questions_per_image`` questions with up to ``targets_per_question`` targets each,
+    the referred objects randomly allocated (:func:`allocate_targets`); a random sentence names each
+    target. Multi-object expressions are not single targets and are left out."""
     by_image: dict = {}
     for d in dataset_dicts:
         by_image.setdefault(d["file_name"], []).append(d)
     out = []
     for file_name, refs in by_image.items():
-        order = rng.permutation(len(refs)).tolist()[: questions_per_image * targets_per_question]
-        groups, i = [], 0
-        while i < len(order) and len(groups) < questions_per_image:
-            k = int(rng.integers(1, targets_per_question + 1))
-            groups.append(order[i : i + k])
-            i += k
-        qs, ts = [], []
-        for g in groups:
+        groups = []
+        for g in allocate_targets(len(refs), rng, questions_per_image, targets_per_question):
             targets = []
             for j in g:
                 ref = refs[j]
@@ -181,14 +267,67 @@ def multi_target_from_referring(dataset_dicts: list[dict], rng: np.random.Genera
                 if len(anns) != 1:
                     continue  # multi-object expressions are not single targets
                 targets.append(dict(anns[0], name=sent))
-            if not targets:
-                continue
-            phrases = [t["name"] for t in targets]
-            listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-            qs.append(f"Can you segment the {listed} in this image?")
-            ts.append(targets)
-        if qs:
-            r0 = refs[0]
-            out.append({"file_name": file_name, "height": r0["height"], "width": r0["width"],
-                        "image_id": r0.get("image_id"), "questions": qs, "targets": ts, "text_answers": [None] * len(qs)})
+            groups.append(targets)
+        r0 = refs[0]
+        d = _multi_target_dict(file_name, r0["height"], r0["width"], r0.get("image_id"), groups, rng)
+        if d is not None:
+            out.append(d)
     return out
+
+
+def class_phrase(class_name: str) -> str:
+    """The phrase of a semantic class: the first of its comma-separated synonyms (psalm's prompt
+    strings list synonyms, e.g. ADE20K ``"wall,walls,brick wall"`` -> ``"wall"``, the official name)."""
+    phrase = str(class_name).split(",")[0].strip()
+    if not phrase:
+        raise ValueError(f"empty class name {class_name!r}")
+    return phrase
+
+
+def read_label_map(path) -> np.ndarray:
+    """A semantic label PNG -> int64 [H, W] (the first channel of a multi-channel file, as psalm's mapper)."""
+    from detectron2.data.detection_utils import read_image
+
+    label = np.asarray(read_image(str(path))).astype(np.int64)
+    return label[..., 0] if label.ndim == 3 else label
+
+
+def multi_target_from_semantic(d: dict, rng: np.random.Generator, questions_per_image: int = 3,
+                               targets_per_question: int = 3) -> dict | None:
+    """A semantic dict -> a multi-target dict whose targets are classes present in the label map.
+
+    Args:
+        d: ``file_name``, ``sem_seg_file_name`` (label map [H, W]: values index ``stuff_classes``, or
+            ``ignore_label``), ``stuff_classes`` (list[str], the data set's metadata) and optionally
+            ``ignore_label`` (default 255) and ``image_id``; :func:`pixellm.data.datasets.training_items`
+            attaches the metadata to each dict of a semantic data set.
+        rng: the draw's generator (allocation as :func:`allocate_targets`; deterministic given it).
+
+    Returns:
+        ``file_name``, ``height`` H, ``width`` W (of the label map), ``image_id``, ``questions``
+        (<= ``questions_per_image``), ``targets`` (per question <= ``targets_per_question`` dicts
+        ``name`` = :func:`class_phrase`, ``category_id`` = label value, ``mask`` = bool [H, W] of its
+        pixels, in answer order), ``text_answers`` (one ``{seg}`` per target) and ``question_template``
+        (:func:`short_question_answer`); None when the label map holds no class (all ignore).
+    """
+    where = d.get("file_name", "?")
+    if not d.get("sem_seg_file_name"):
+        raise ValueError(f"semantic dict of {where!r} has no 'sem_seg_file_name' (the label-map PNG); "
+                         f"keys: {sorted(d)}")
+    classes = d.get("stuff_classes")
+    if not classes:
+        raise ValueError(f"semantic dict of {where!r} has no 'stuff_classes': the data set's metadata must give the "
+                         "class names (MetadataCatalog stuff_classes; training_items attaches them)")
+    ignore = int(d.get("ignore_label", 255))
+    label = read_label_map(d["sem_seg_file_name"])
+    present = [int(c) for c in np.unique(label) if c != ignore]
+    bad = [c for c in present if not 0 <= c < len(classes)]
+    if bad:
+        raise ValueError(f"{d['sem_seg_file_name']!r}: label values {bad} are neither class indices "
+                         f"(0..{len(classes) - 1}) nor the ignore label {ignore}")
+    if not present:
+        logger.debug("semantic dict of %r: no class in %s (all ignore)", where, d["sem_seg_file_name"])
+        return None
+    groups = [[{"name": class_phrase(classes[present[j]]), "category_id": present[j], "mask": label == present[j]}
+               for j in g] for g in allocate_targets(len(present), rng, questions_per_image, targets_per_question)]
+    return _multi_target_dict(d["file_name"], label.shape[0], label.shape[1], d.get("image_id"), groups, rng)

@@ -31,6 +31,9 @@ def add_pixellm_config(cfg):
     p.VISION.TAPS = [-2, -11]  # hidden_states indices: LLM + scale 0, scale 1
     p.VISION.LLM_GRID = 16  # the LLM sees LLM_GRID^2 image tokens
     p.VISION.PAD_AWARE = True
+    # the official recipe freezes CLIP (no gradient, eval mode); True trains it too, for a vision tower
+    # that starts from scratch (the synthetic CPU run: a random frozen CLIP gives random features)
+    p.VISION.TRAIN = False
 
     p.LLM = CN()
     p.LLM.VOCAB_SIZE = 32008

@@ -169,6 +169,30 @@ def test_gradients_reach_codebook_decoder_not_clip(tok_dir):
     assert any(p.grad is not None for n, p in named.items() if "lora_" in n)
 
 
+def test_vision_train_option_trains_clip_and_keeps_it_in_train_mode(tok_dir):
+    """MODEL.PIXELLM.VISION.TRAIN (a from-scratch vision tower): CLIP joins the trainable set, gets a
+    gradient and follows train() (dropout); off (official), it stays frozen and in eval mode."""
+    from pixellm.modeling.meta_arch import PixelLM
+
+    torch.manual_seed(1)
+    frozen = PixelLM(_cfg(tok_dir)).train()
+    assert not frozen.vision_tower.training
+    assert not any(n.startswith("vision_tower.") for n in frozen.trainable_names)
+    torch.manual_seed(1)
+    m = PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.VISION.TRAIN", "True")).train()
+    assert m.vision_tower.training
+    clip_names = [n for n in m.trainable_names if n.startswith("vision_tower.")]
+    assert clip_names and set(frozen.trainable_names) < set(m.trainable_names)
+    x = _image_input(m, "Can you segment a?", f"a is {GROUP}.")
+    x["gt_masks"] = torch.rand(1, 40, 30) > 0.5
+    sum(m.losses([x]).values()).backward()
+    named = dict(m.named_parameters())
+    assert named["vision_tower.clip.embeddings.patch_embedding.weight"].grad.abs().sum() > 0
+    assert any(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in clip_names if ".encoder.layers.0." in n)
+    m.eval()
+    assert not m.vision_tower.training
+
+
 def test_paper_setting_learnable_fusion_and_trl(tok_dir):
     from pixellm.modeling.meta_arch import PixelLM
 

@@ -97,10 +97,12 @@ def _check_sizes_unset(cfg):
                     "(its config.json); remove the size from the config")
 
 
-def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False, train_llm: bool = False) -> list[str]:
+def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False, train_llm: bool = False,
+                        train_vision: bool = False) -> list[str]:
     """The official trainable set: LoRA parameters (if any), ``lm_head``, ``embed_tokens``,
     ``mask_decoder``, ``text_hidden_fcs``, ``mm_projector``, ``out_mm_projector`` (+ learned fusion
-    weights); CLIP frozen; neck and prompt encoder frozen unless enabled. Returns the trainable names."""
+    weights); CLIP frozen unless ``train_vision``; neck and prompt encoder frozen unless enabled.
+    Returns the trainable names."""
     train = ["lm_head", "embed_tokens", "mask_decoder.", "text_hidden_fcs.", "mm_projector.",
              "token_fusion.", "scale_fusion.", "lora_"]
     if train_neck_and_prompt_encoder:
@@ -109,7 +111,8 @@ def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False, trai
         train += ["llm."]
     names = []
     for n, p in model.named_parameters():
-        on = any(t in n for t in train) and not n.startswith("vision_tower.")
+        on = (any(t in n for t in train) and not n.startswith("vision_tower.")) or (
+            train_vision and n.startswith("vision_tower."))
         if "positional_embedding" in n:  # SAM's random-Fourier matrices are buffers, never trained
             on = False
         p.requires_grad_(on)

@@ -77,7 +77,8 @@ class PixelLM(nn.Module):
                  codebook_ids: Sequence[int], mask_loss: PixelLMMaskLoss, ce_weight: float = 1.0,
                  hidden_tap: str = "preceding", out_size: int = 0, pad_token_id: int = 0,
                  eos_token_id: int = 2, tokenizer=None, prompt_builder=None, max_new_tokens: int = 512,
-                 train_neck_and_prompt_encoder: bool = False, train_llm: bool = False):
+                 train_neck_and_prompt_encoder: bool = False, train_llm: bool = False,
+                 train_vision: bool = False):
         super().__init__()
         self.vision_tower = vision_tower
         self.llm = llm
@@ -107,7 +108,8 @@ class PixelLM(nn.Module):
         self.max_new_tokens = int(max_new_tokens)
         from .build import apply_trainable_set
 
-        self.trainable_names = apply_trainable_set(self, train_neck_and_prompt_encoder, train_llm)
+        self.train_vision = bool(train_vision)
+        self.trainable_names = apply_trainable_set(self, train_neck_and_prompt_encoder, train_llm, self.train_vision)
 
     @classmethod
     def from_config(cls, cfg, tokenizer=None):
@@ -116,6 +118,7 @@ class PixelLM(nn.Module):
         kwargs = pixellm_components(cfg, tokenizer=tokenizer)
         kwargs["train_neck_and_prompt_encoder"] = cfg.MODEL.PIXELLM.TRAIN_NECK_AND_PROMPT_ENCODER
         kwargs["train_llm"] = cfg.MODEL.PIXELLM.LLM.TRAIN_FULL
+        kwargs["train_vision"] = cfg.MODEL.PIXELLM.VISION.TRAIN
         return kwargs
 
     # ------------------------------------------------------------------ basics
@@ -129,7 +132,8 @@ class PixelLM(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vision_tower.eval()  # frozen CLIP (no dropout)
+        if not self.train_vision:
+            self.vision_tower.eval()  # frozen CLIP (no dropout)
         return self
 
     def causal_lm(self):
@@ -142,7 +146,7 @@ class PixelLM(nn.Module):
         Returns dict: ``llm_tokens`` [B, g*g, H], ``llm_mask`` [B, g*g] bool, ``decoder_features``
         [B, L, D, G, G] (neck outputs), ``clip`` (the vision tower dict), ``out_mm`` [B, L, G*G, H].
         """
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_vision):
             vis = self.vision_tower(clip_images.to(self.dtype), clip_sizes)
         taps = vis["taps"]
         b, n, c = taps[0].shape

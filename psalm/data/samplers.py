@@ -293,18 +293,18 @@ class PSALMTrainLoader:
         self._start, self._consumed = int(state["iteration"]), 0
 
 
-def _dataset_task(cfg, i: int, name: str, dicts: List[Dict]) -> str:
+def _dataset_task(cfg, i: int, name: str, dicts: List[Dict], check=check_task) -> str:
     if cfg.DATASETS.TRAIN_TASKS:
-        return check_task(cfg.DATASETS.TRAIN_TASKS[i])
+        return check(cfg.DATASETS.TRAIN_TASKS[i])
     task = MetadataCatalog.get(name).get("task", None)
     if task is None and dicts:
         task = dicts[0].get("task")
     if task is None:
         raise ValueError(f"no task for data set {name!r}: set DATASETS.TRAIN_TASKS or register it with a task")
-    return check_task(task)
+    return check(task)
 
 
-def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
+def build_psalm_train_loader(cfg, mapper_factory=None, task_check=None) -> PSALMTrainLoader:
     """Multi-task training loader from ``cfg.DATASETS.TRAIN`` (one task per data set).
 
     Args:
@@ -315,6 +315,9 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
             random seed shared by the ranks and stored in ``state_dict``).
         mapper_factory: ``f(cfg, dataset_name, task) -> callable(dict, rng=None)``; default
             :class:`PSALMDatasetMapper` for training with the data set's metadata and task.
+        task_check: ``f(task) -> task``, raising ``ValueError`` for a task the mappers cannot map; default
+            psalm's :func:`~psalm.structures.tasks.check_task`. A project whose mapper has tasks of its
+            own (e.g. Pixel-SAIL's ``muse``) passes a check that accepts them.
     """
     from .mapper import PSALMDatasetMapper
 
@@ -329,7 +332,7 @@ def build_psalm_train_loader(cfg, mapper_factory=None) -> PSALMTrainLoader:
     lists, mappers = [], []
     for i, name in enumerate(names):
         dicts = DatasetCatalog.get(name)
-        task = _dataset_task(cfg, i, name, dicts)
+        task = _dataset_task(cfg, i, name, dicts, task_check or check_task)
         if task == "instance" and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
             # Mask2Former / detectron2: instance training skips images without a non-crowd annotation
             # (the loaders keep them: evaluation needs every image)

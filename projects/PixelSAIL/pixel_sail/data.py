@@ -22,6 +22,14 @@ Tasks and their dialogues (question templates ``TEMPLATES``):
   "{cls}-1 [SEG] {cls}-2 [SEG]." (one mask per instance, in order), and "... semantic mode." -> "{cls} [SEG]."
   (the class's pixels of the semantic label map). The spec elides part of the official question text.
 * ``caption`` / ``instruction``: the LLaVA ``conversations`` as turns (LM loss only).
+* ``muse`` (training; psalm's MUSE dicts, :mod:`psalm.data.datasets.muse`): one turn per question of the image,
+  in the dict's order: the question as written (the spec gives no Pixel-SAIL template) -> its ``text_answers``
+  entry with each ``{seg}`` replaced by ``[SEG]`` (one per target, multiple inline ``[SEG]``s, spec B1.3); a
+  question without a text answer (issue #14 of the release) is answered by its target phrases,
+  "{a} is [SEG], {b} is [SEG] and {c} is [SEG]." (our composition). The GT masks are the targets' masks in
+  answer order over all turns. A question whose ``{seg}`` count differs from its targets is dropped and counted
+  (``num_muse_dropped``, logged); a dict left without a question is a ``ValueError``: psalm's train loader
+  cannot skip a sample, and psalm's MUSE loader keeps only images with a usable question.
 
 Training dialogues of ``referring`` / ``gres`` take up to ``DATA.MAX_TURNS`` (5) expressions of the same
 image (other objects' samples of the data set, as the official RefCOCO datasets), one ``[SEG]`` per turn and
@@ -33,6 +41,7 @@ Output: the model-input dict described in ``pixel_sail.modeling`` plus ``file_na
 from __future__ import annotations
 
 import copy
+import logging
 from typing import List, Optional
 
 import numpy as np
@@ -47,7 +56,13 @@ from psalm.evaluation.masks import annotation_to_mask, union_mask
 from .patchify import mask_to_patches, preprocess_image
 from .tokens import prompt_token
 
-__all__ = ["PixelSAILDatasetMapper", "prompt_inputs", "TEMPLATES", "vp_question", "referring_question", "parse_category"]
+__all__ = ["PixelSAILDatasetMapper", "prompt_inputs", "TEMPLATES", "vp_question", "referring_question", "parse_category",
+           "TASKS", "check_pixel_sail_task", "muse_answer"]
+
+logger = logging.getLogger(__name__)
+
+# the tasks the mapper maps: psalm's (except panoptic) plus MUSE, which psalm's own model has no task for
+TASKS = ("referring", "gres", "interactive", "instance", "semantic", "caption", "instruction", "muse")
 
 TEMPLATES = {
     "referring": "Please segment {sent} in this image.",
@@ -61,6 +76,29 @@ TEMPLATES = {
     "semantic": "Please segment the {cls} in this image. Segmentation in the semantic mode.",
 }
 PROMPT_ORDER = ("mask", "box", "scribble", "point")
+SEG = "[SEG]"
+
+
+def check_pixel_sail_task(task: str) -> str:
+    """``task`` if the Pixel-SAIL mapper maps it (``TASKS``), else ``ValueError`` listing them (the
+    ``task_check`` of psalm's train loader: ``DATASETS.TRAIN_TASKS`` and the data sets' metadata)."""
+    if task not in TASKS:
+        raise ValueError(f"Pixel-SAIL: unsupported task {task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def muse_answer(text_answer: Optional[str], names: List[str]) -> str:
+    """A MUSE answer with one ``[SEG]`` per target: ``text_answer`` with each ``{seg}`` replaced (its count
+    must equal ``len(names)``), or without a text answer ``"{a} is [SEG], {b} is [SEG] and {c} is [SEG]."``"""
+    if text_answer is not None:
+        n = text_answer.count("{seg}")
+        if n != len(names):
+            raise ValueError(f"text answer has {n} {{seg}} for {len(names)} targets: {text_answer!r}")
+        return text_answer.replace("{seg}", SEG)
+    if not names:
+        raise ValueError("a MUSE answer needs at least one target")
+    parts = [f"{name} is {SEG}" for name in names]
+    return (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
 
 
 def referring_question(sentence: str) -> str:
@@ -113,6 +151,7 @@ class PixelSAILDatasetMapper:
         self.max_classes = ps.DATA.MAX_CLASSES
         self.stuff_classes = list(getattr(meta, "stuff_classes", []) or []) if meta is not None else []
         self.ignore_label = getattr(meta, "ignore_label", 255) if meta is not None else 255
+        self.num_muse_dropped = 0  # MUSE questions without a target or whose {seg} count differs from them
         # referring / gres training: the other samples of each image, for multi-expression dialogues
         self.by_image = None
         if self.is_train and task in ("referring", "gres") and dataset_name and self.max_turns > 1:
@@ -245,6 +284,39 @@ class PixelSAILDatasetMapper:
         out["turns"] = turns
         out["gt_masks"] = self._resize_masks(np.stack(masks) if masks else np.zeros((0, H, W)), hw)
 
+    def _muse(self, d, out, hw):
+        """Turns and GT masks of a MUSE dict (module doc); ``gt_masks`` [N, H', W'] in answer order."""
+        where = d.get("file_name", "?")
+        if not self.is_train:
+            raise ValueError(f"{where}: MUSE data is for training (Pixel-SAIL reports no MUSE figure, spec B3)")
+        questions, targets = d.get("questions"), d.get("targets")
+        if not questions or targets is None or len(targets) != len(questions):
+            raise ValueError(f"{where}: a MUSE dict needs 'questions' and one 'targets' list per question "
+                             f"(psalm.data.datasets.muse); keys {sorted(d)}")
+        text_answers = d.get("text_answers") or [None] * len(questions)
+        if len(text_answers) != len(questions):
+            raise ValueError(f"{where}: {len(questions)} questions but {len(text_answers)} text_answers")
+        H, W = d["height"], d["width"]
+        turns, masks, dropped = [], [], 0
+        for q, ts, ta in zip(questions, targets, text_answers):
+            if not ts or (ta is not None and ta.count("{seg}") != len(ts)):
+                dropped += 1
+                continue
+            turns.append((q, muse_answer(ta, [t["name"] for t in ts])))
+            masks += [annotation_to_mask(t["segmentation"], H, W, rasterizer=self.rasterizer) for t in ts]
+        if dropped:
+            self.num_muse_dropped += dropped
+            logger.info("MUSE %s: dropped %d of %d question(s) without a target or whose {seg} count differs from "
+                        "their targets (%d dropped so far)", where, dropped, len(questions), self.num_muse_dropped)
+        if not turns:
+            raise ValueError(f"{where}: no MUSE question left ({dropped} without a target or with a {{seg}} count "
+                             "other than their targets); psalm's train loader cannot skip a sample: load MUSE with "
+                             "psalm.data.datasets.muse, which keeps only images with a usable question")
+        for k in ("questions", "targets", "text_answers"):
+            out.pop(k, None)
+        out["turns"] = turns
+        out["gt_masks"] = self._resize_masks(np.stack(masks), hw)
+
     def _conversation(self, d, out):
         conv = d.get("conversations") or d.get("conversation")
         turns = []
@@ -276,7 +348,8 @@ class PixelSAILDatasetMapper:
             self._panoptic_mode(d, out, tuple(px.shape[1:]), rng, task)
         elif task in ("caption", "instruction"):
             self._conversation(d, out)
+        elif task == "muse":
+            self._muse(d, out, tuple(px.shape[1:]))
         else:
-            raise ValueError(f"Pixel-SAIL mapper: unsupported task {task!r} (referring, gres, interactive, instance, "
-                             "semantic, caption, instruction)")
+            raise ValueError(f"Pixel-SAIL mapper: unsupported task {task!r} ({', '.join(TASKS)})")
         return out

@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from psalm.data.samplers import build_psalm_train_loader
 from psalm.engine import PSALMTrainer
 
-from .data import PixelSAILDatasetMapper
+from .data import PixelSAILDatasetMapper, check_pixel_sail_task
 
 __all__ = ["PixelSAILTrainer"]
 
@@ -42,7 +42,10 @@ class PixelSAILTrainer(PSALMTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_psalm_train_loader(cfg, mapper_factory=lambda c, name, task: PixelSAILDatasetMapper(c, True, name, task))
+        """psalm's multi-task loader with the Pixel-SAIL mapper; the tasks (``DATASETS.TRAIN_TASKS`` or the data
+        sets' metadata) are the mapper's ``TASKS`` (psalm's plus ``muse``)."""
+        return build_psalm_train_loader(cfg, mapper_factory=lambda c, name, task: PixelSAILDatasetMapper(c, True, name, task),
+                                        task_check=check_pixel_sail_task)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, task=None):

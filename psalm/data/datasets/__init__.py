@@ -5,7 +5,8 @@ Registration is lazy: files are read only by ``DatasetCatalog.get(name)``, and a
 :class:`MissingDatasetFileError` naming the file and the prepare step. Call
 ``register_all_psalm_datasets(root)`` to re-register every name under another root.
 
-Every data set's metadata has ``task`` and ``evaluator_type`` (see ``psalm.evaluation.build_evaluator``);
+Every data set's metadata has ``task`` and ``evaluator_type`` (see ``psalm.evaluation.build_evaluator``;
+MUSE's task and evaluator type ``muse`` belong to the projects that map and evaluate it, psalm's model has none);
 category data sets also ``prompt_class_names`` (the K prompt strings, contiguous-id order, no
 background) and ``prompt_is_thing`` (K bools). (detectron2 renames a metadata key ``class_names`` to
 ``thing_classes``, hence the prefix.)
@@ -20,6 +21,7 @@ from .davis import register_davis
 from .grefcoco import register_grefcoco
 from .llava import register_llava
 from .lvis import register_lvis
+from .muse import register_muse
 from .pascal import register_pascal
 from .refcoco import register_refcoco
 from .synthetic import register_synthetic
@@ -40,6 +42,7 @@ def register_all_psalm_datasets(root: str | None = None) -> list[str]:
         register_davis,
         register_lvis,
         register_llava,
+        register_muse,
         register_synthetic,
     ):
         register(root)

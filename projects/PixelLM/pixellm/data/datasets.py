@@ -2,7 +2,7 @@
 
 | name | content |
 |---|---|
-| ``pixellm_muse_{train,val,test_less,test_many}`` | MUSE, released JSON files under ``$PIXELLM_MUSE_DIR`` (default ``datasets/muse``): ``muse_<split>.json`` + COCO images under ``images/`` (``file_name``) or ``images/{train,val}2017`` (``coco_url``) |
+| ``pixellm_muse_{train,val,test_less,test_many}`` | MUSE, released JSON files under ``$PIXELLM_MUSE_DIR`` (default ``datasets/muse``): ``muse_<split>.json`` (or ``MUSE_<split>.json``) + COCO images under ``images/`` (``file_name``) or ``images/{train,val}2017`` (``coco_url``); read by psalm's loader (:mod:`psalm.data.datasets.muse`; psalm registers the released files in its own layout, ``$DETECTRON2_DATASETS/muse`` with the images from ``coco/``, as ``muse_<split>``) |
 | ``pixellm_synthetic_muse_{train,val,test}`` | multi-target questions on psalm's synthetic scenes in the MUSE format, generated on first use under ``$PIXELLM_SYNTHETIC_DIR`` (default ``datasets/pixellm_synthetic_muse``) |
 
 ``val`` is the dev split (choices are made there); ``test`` is for reported figures only.
@@ -24,12 +24,12 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .muse import load_muse_json, prepare_synthetic_muse
+from psalm.data.datasets.muse import MUSE_SPLITS, load_muse_json, muse_json_path
+
+from .muse import prepare_synthetic_muse
 
 __all__ = ["register_pixellm_datasets", "register_synthetic_muse", "PixelLMTrainLoader", "save_tiny_pixellm_tokenizer",
            "training_items"]
-
-MUSE_SPLITS = ("train", "val", "test_less", "test_many")
 
 
 def _muse_root() -> pathlib.Path:
@@ -38,10 +38,9 @@ def _muse_root() -> pathlib.Path:
 
 def _load_muse(split):
     root = _muse_root()
-    path = root / f"muse_{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run projects/PixelLM/prepare_muse.py (set PIXELLM_MUSE_DIR)")
-    return load_muse_json(path, root / "images")
+    return load_muse_json(muse_json_path(root, split), root / "images", f"pixellm_muse_{split}",
+                          prepare="python projects/PixelLM/prepare_muse.py --src <jsons> --images <coco> --out "
+                                  f"{root} (or set PIXELLM_MUSE_DIR)")
 
 
 def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, spec=None) -> list[str]:
@@ -54,8 +53,8 @@ def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, s
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
 
-        def load(split=split):
-            return load_muse_json(prepare_synthetic_muse(root, split, spec), root)
+        def load(split=split, name=name):
+            return load_muse_json(prepare_synthetic_muse(root, split, spec), root, name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(evaluator_type="pixellm_muse", split=split)

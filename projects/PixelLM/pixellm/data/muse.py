@@ -1,17 +1,13 @@
-"""MUSE (multi-target reasoning segmentation) data: the released JSON format, its loader, the
-synthetic MUSE-format data generated from psalm's scenes, and the multi-target conversions of
-referring and semantic data (official ``refer_seg`` / ``sem_seg`` members of the mixture).
+"""MUSE (multi-target reasoning segmentation) data for PixelLM: the synthetic MUSE-format data
+generated from psalm's scenes, and the multi-target conversions of referring and semantic data
+(official ``refer_seg`` / ``sem_seg`` members of the mixture).
 
-Released format (spec A2.5): a JSON list, one dict per image: ``file_name`` (or ``coco_url``),
-``height``, ``width``, ``ann_list`` (LVIS-style annotations: ``segmentation`` polygons or RLE,
-``bbox``, ``category_name``, optional ``rephrased_name``), ``questions`` (list[str]), ``answers``
-(one list of annotation dicts per question: that question's targets in answer order), optional
-``text_answers`` (one string per question with a ``{seg}`` after each target phrase).
-
-Dataset dicts (what :class:`pixellm.data.mapper.PixelLMDatasetMapper` reads): ``file_name``,
-``height``, ``width``, ``image_id``, ``questions`` (list[str]), ``targets`` (per question, a list of
-annotation dicts with ``segmentation`` (or ``mask``, bool [H, W]) and ``name``), ``text_answers`` (per
-question, str or None) and optionally ``question_template`` (the mapper's prompt around a question).
+The released format and its loader are psalm's (:mod:`psalm.data.datasets.muse`, re-exported here:
+:func:`load_muse_json`, :func:`muse_records_to_dicts`, :func:`target_name`); its dataset dicts are what
+:class:`pixellm.data.mapper.PixelLMDatasetMapper` reads: ``file_name``, ``height``, ``width``,
+``image_id``, ``questions`` (list[str]), ``targets`` (per question, a list of annotation dicts with
+``segmentation`` (or ``mask``, bool [H, W]) and ``name``), ``text_answers`` (per question, str or None)
+and optionally ``question_template`` (the mapper's prompt around a question).
 
 Multi-target conversion (official ``refer_seg`` / ``sem_seg`` data, spec A2.2), one implementation
 for referring and semantic data: the candidate targets of an image (referred objects / classes
@@ -32,6 +28,7 @@ import pathlib
 
 import numpy as np
 
+from psalm.data.datasets.muse import load_muse_json, muse_records_to_dicts, target_name
 from psalm.data.visual_prompts import encode_rle
 
 from .prompt import IMAGE_TOKEN, join_phrases
@@ -41,60 +38,6 @@ __all__ = ["load_muse_json", "muse_records_to_dicts", "prepare_synthetic_muse", 
            "SHORT_QUESTION_TEMPLATE"]
 
 logger = logging.getLogger(__name__)
-
-
-def target_name(ann: dict) -> str:
-    """The phrase of a target: ``rephrased_name`` when present, else ``category_name`` / ``name``."""
-    for key in ("rephrased_name", "name", "category_name"):
-        if ann.get(key):
-            return str(ann[key])
-    raise ValueError(f"annotation has no rephrased_name / name / category_name: {sorted(ann)}")
-
-
-def _image_path(rec: dict, image_root: str) -> str:
-    if rec.get("file_name"):
-        return os.path.join(image_root, rec["file_name"])
-    url = rec.get("coco_url")
-    if not url:
-        raise ValueError("a MUSE record needs 'file_name' or 'coco_url'")
-    split = "train2017" if "train2017" in url else "val2017"
-    return os.path.join(image_root, split, url.rsplit("/", 1)[-1])
-
-
-def muse_records_to_dicts(records: list, image_root: str) -> tuple[list[dict], dict]:
-    """Released records -> dataset dicts. Returns (dicts, counts of dropped questions by reason)."""
-    out, dropped = [], {"seg_count_mismatch": 0, "no_target": 0}
-    for i, rec in enumerate(records):
-        for key in ("height", "width", "questions", "answers"):
-            if key not in rec:
-                raise ValueError(f"MUSE record {i} has no {key!r} (keys: {sorted(rec)})")
-        if len(rec["answers"]) != len(rec["questions"]):
-            raise ValueError(f"MUSE record {i}: {len(rec['questions'])} questions but {len(rec['answers'])} answers")
-        text_answers = rec.get("text_answers") or [None] * len(rec["questions"])
-        qs, ts, tas = [], [], []
-        for q, targets, ta in zip(rec["questions"], rec["answers"], text_answers):
-            if not targets:
-                dropped["no_target"] += 1
-                continue
-            if ta is not None and ta.count("{seg}") != len(targets):
-                dropped["seg_count_mismatch"] += 1  # official: the sample is skipped
-                continue
-            qs.append(q)
-            ts.append([dict(a, name=target_name(a)) for a in targets])
-            tas.append(ta)
-        if qs:
-            out.append({"file_name": _image_path(rec, image_root), "height": int(rec["height"]),
-                        "width": int(rec["width"]), "image_id": rec.get("id", i), "questions": qs, "targets": ts,
-                        "text_answers": tas})
-    return out, dropped
-
-
-def load_muse_json(json_file, image_root) -> list[dict]:
-    records = json.loads(pathlib.Path(json_file).read_text())
-    dicts, dropped = muse_records_to_dicts(records, str(image_root))
-    logger.info("MUSE %s: %d images, %d questions; dropped questions: %s", json_file, len(dicts),
-                sum(len(d["questions"]) for d in dicts), dropped)
-    return dicts
 
 
 # ---------------------------------------------------------------------------------- synthetic

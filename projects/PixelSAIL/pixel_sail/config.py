@@ -18,7 +18,9 @@ def add_pixel_sail_config(cfg):
     ps.LLM = CN()
     # "pretrained": weights from LLM.NAME_OR_PATH (a local HF Qwen2 / Qwen2.5 directory; every value below
     # must agree with its config.json, a disagreeing one is an error); "random": from scratch with the
-    # values below (tiny configs, tests). There is no silent fallback from one to the other.
+    # values below (tiny configs, tests); "checkpoint": built from the values below, its weights must come
+    # from MODEL.WEIGHTS / MODEL.PSALM.INIT.WEIGHTS (fine-tuning a trained Pixel-SAIL; a key they leave
+    # uncovered is an error). There is no silent fallback from one to the other.
     ps.LLM.INIT = "pretrained"
     ps.LLM.NAME_OR_PATH = ""
     # Qwen2.5-0.5B (VOCAB_SIZE 0 = the extended tokenizer's size, random init only; pretrained: the

@@ -33,9 +33,12 @@ class PixelSAILTrainer(PSALMTrainer):
     def prebuilt_weight_sources(cls, cfg) -> dict:
         """psalm's strict initial-weights plan (``MODEL.PSALM.INIT.*`` + ``MODEL.WEIGHTS``: every key from
         exactly one source), with the LLM's source being how it was built: ``MODEL.PIXEL_SAIL.LLM.INIT``
-        "pretrained" (loaded from NAME_OR_PATH) or "random" (declared from scratch). psalm's own rule reads
+        "pretrained" (loaded from NAME_OR_PATH), "random" (declared from scratch) or "checkpoint" (no source
+        here: MODEL.WEIGHTS / MODEL.PSALM.INIT.WEIGHTS must cover ``llm.*``). psalm's own rule reads
         ``MODEL.PSALM.LLM``, which this project does not use."""
         llm = cfg.MODEL.PIXEL_SAIL.LLM
+        if llm.INIT == "checkpoint":
+            return {}
         if llm.INIT == "pretrained":
             return {"llm.": f"MODEL.PIXEL_SAIL.LLM.NAME_OR_PATH ({llm.NAME_OR_PATH})"}
         return {"llm.": "random initialisation (MODEL.PIXEL_SAIL.LLM.INIT 'random')"}

@@ -57,7 +57,7 @@ def qwen2_config_from_cfg(cfg, vocab_size: int):
             raise ValueError(f"MODEL.PIXEL_SAIL.LLM.ROPE_THETA={c.ROPE_THETA} but {path} has rope_theta={theta}")
         config = Qwen2Config.from_pretrained(c.NAME_OR_PATH, local_files_only=True)
         # the embeddings are resized to the extended tokenizer after loading (build_qwen2_mrope)
-    elif c.INIT == "random":
+    elif c.INIT in ("random", "checkpoint"):
         if c.VOCAB_SIZE and c.VOCAB_SIZE < vocab_size:
             raise ValueError(f"MODEL.PIXEL_SAIL.LLM.VOCAB_SIZE={c.VOCAB_SIZE} is smaller than the tokenizer "
                              f"({vocab_size} tokens with the Pixel-SAIL tokens); use 0 for the tokenizer's size")
@@ -65,8 +65,8 @@ def qwen2_config_from_cfg(cfg, vocab_size: int):
                              max_position_embeddings=c.MAX_POSITION_EMBEDDINGS, tie_word_embeddings=c.TIE_WORD_EMBEDDINGS,
                              rope_parameters={"rope_type": "default", "rope_theta": c.ROPE_THETA}, **dims)
     else:
-        raise ValueError(f"MODEL.PIXEL_SAIL.LLM.INIT must be 'pretrained' or 'random', got {c.INIT!r}")
-    if c.INIT == "random" and vocab_size > config.vocab_size:
+        raise ValueError(f"MODEL.PIXEL_SAIL.LLM.INIT must be 'pretrained', 'random' or 'checkpoint', got {c.INIT!r}")
+    if c.INIT in ("random", "checkpoint") and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens, LLM vocabulary {config.vocab_size}")
     config._attn_implementation = c.ATTN_IMPLEMENTATION
     return config

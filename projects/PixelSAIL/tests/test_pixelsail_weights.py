@@ -109,3 +109,36 @@ def test_llm_init_from_local_qwen2_dir(tiny_cfg, tiny_tokenizer_dir, tmp_path):
                            "MODEL.PIXEL_SAIL.TOKENIZER", tiny_tokenizer_dir])
     with pytest.raises(FileNotFoundError, match="INIT='random'"):
         PixelSAIL(nodir)
+
+
+def test_llm_init_checkpoint_fine_tunes_from_model_weights(tiny_cfg, tmp_path):
+    """INIT 'checkpoint' (fine-tuning a trained Pixel-SAIL): every key, the LLM's included, comes from
+    MODEL.WEIGHTS; a checkpoint without the LLM keys is an error (never a silently random LLM), and so is
+    INIT 'random' with a full MODEL.WEIGHTS (two sources for ``llm.*``)."""
+    from psalm.checkpoint.strict import IncompatibleKeysError
+
+    from pixel_sail import PixelSAIL
+    from pixel_sail.engine import PixelSAILTrainer
+
+    torch.manual_seed(3)
+    trained = PixelSAIL(tiny_cfg)
+    torch.save({"model": trained.state_dict()}, tmp_path / "trained.pth")
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["MODEL.PIXEL_SAIL.LLM.INIT", "checkpoint", "MODEL.PSALM.INIT.RANDOM", "[]",
+                         "MODEL.WEIGHTS", str(tmp_path / "trained.pth")])
+    torch.manual_seed(4)
+    model = PixelSAIL(cfg)
+    assert not torch.equal(model.llm.model.layers[0].mlp.up_proj.weight, trained.llm.model.layers[0].mlp.up_proj.weight)
+    PixelSAILTrainer.initialize_weights(cfg, model)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("llm.")}
+    torch.save({"model": partial}, tmp_path / "no_llm.pth")
+    cfg_partial = cfg.clone()
+    cfg_partial.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "no_llm.pth")])
+    with pytest.raises(IncompatibleKeysError, match="llm.model.layers.0"):
+        PixelSAILTrainer.initialize_weights(cfg_partial, PixelSAIL(cfg_partial))
+    cfg_random = cfg.clone()
+    cfg_random.merge_from_list(["MODEL.PIXEL_SAIL.LLM.INIT", "random"])
+    with pytest.raises(IncompatibleKeysError, match="random initialisation"):
+        PixelSAILTrainer.initialize_weights(cfg_random, PixelSAIL(cfg_random))

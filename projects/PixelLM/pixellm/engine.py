@@ -60,14 +60,6 @@ def _model_image_size(model_dir) -> int:
     return int(load_spec(model_dir)["vision"]["image_size"])
 
 
-def _training_items(dicts: list, name: str) -> list:
-    """Training items of a data set (MUSE-format, referring, semantic, LLaVA): see
-    :func:`pixellm.data.datasets.training_items`."""
-    from .data.datasets import training_items
-
-    return training_items(dicts, name)
-
-
 class PixelLMTrainer(PSALMTrainer):
     @classmethod
     def build_model(cls, cfg):
@@ -101,14 +93,14 @@ class PixelLMTrainer(PSALMTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .data.datasets import PixelLMTrainLoader
+        from .data.datasets import PixelLMTrainLoader, training_items
         from .modeling.tokenizer import load_pixellm_tokenizer
 
         prepare_pixellm_data_for_cfg(cfg)
         tokenizer = load_pixellm_tokenizer(cfg.MODEL.PIXELLM.TOKENIZER or cfg.MODEL.PIXELLM.MODEL_DIR)
         names = list(cfg.DATASETS.TRAIN)
         ratios = list(cfg.DATASETS.TRAIN_RATIOS) or [1.0] * len(names)
-        datasets = [_training_items(DatasetCatalog.get(n), n) for n in names]
+        datasets = [training_items(DatasetCatalog.get(n), n) for n in names]
         from detectron2.utils import comm
 
         ims = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()

@@ -137,15 +137,15 @@ def multi_referring_conversations(sentences, group: str, eos_token: str = "</s>"
     mask."``; teacher-forced answer ``"G, G, ... and G."`` (one codebook group G per sentence; a
     single-sentence group is answered ``"G"``, as the official code). Returns (question, answer,
     sentence indices) triples."""
-    from .data.prompt import MULTI_REFER_QUESTION
+    from .data.prompt import MULTI_REFER_QUESTION, join_phrases
 
     out, i, g = [], 0, 0
     while i < len(sentences):
         n = MULTI_REFER_GROUPS[g % len(MULTI_REFER_GROUPS)]
         idx = list(range(i, min(i + n, len(sentences))))
         texts = [sentences[k].strip() for k in idx]
-        text = ", ".join(texts[:-1]) + f" and {texts[-1]}" if len(texts) > 1 else texts[0]
-        ans = ", ".join([group] * (len(idx) - 1)) + f" and {group}." if len(idx) > 1 else group
+        text = join_phrases(texts)
+        ans = join_phrases([group] * len(idx)) + ("." if len(idx) > 1 else "")
         out.append((MULTI_REFER_QUESTION.format(sent=text), ans, idx))
         i += n
         g += 1

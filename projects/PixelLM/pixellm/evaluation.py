@@ -35,6 +35,8 @@ from psalm.modeling.matcher import HungarianMatcher
 __all__ = ["MuseEvaluator", "muse_pairs", "referring_inputs", "evaluate_pixellm", "run_model", "GPT_NOTE"]
 
 logger = logging.getLogger(__name__)
+# the evaluator_type values evaluate_pixellm handles (MUSE: psalm's loader's type, for every MUSE-format set)
+EVALUATOR_TYPES = frozenset({"muse", "referring", "gres"})
 GPT_NOTE = "IoU without the GPT-3.5 scoring of the paper (its code was never released)"
 
 
@@ -196,8 +198,11 @@ def _row_images(inputs):
 
 
 def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
-    """Evaluate on every ``DATASETS.TEST`` entry: MUSE-format data sets with :class:`MuseEvaluator`,
-    psalm referring data sets with psalm's ``ReferringEvaluator``."""
+    """Evaluate on every ``DATASETS.TEST`` entry, by its ``evaluator_type`` (:data:`EVALUATOR_TYPES`):
+    ``muse`` (every MUSE-format set: psalm's ``muse_<split>``, ``pixellm_muse_<split>``, the synthetic
+    ones) with :class:`MuseEvaluator`, ``referring`` with psalm's ``ReferringEvaluator`` (MRefCOCO with
+    ``EVAL.MULTI_REFER``), ``gres`` with psalm's ``GRESEvaluator``. Any other type is a ValueError,
+    raised before the first model run. Returns {data set name: results}."""
     from psalm.evaluation.referring import GRESEvaluator, ReferringEvaluator
 
     from .engine import build_mapper, prepare_pixellm_data_for_cfg
@@ -215,17 +220,26 @@ def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
     model.eval()
     results = {}
     bs = max(1, int(cfg.TEST.PSALM.IMS_PER_BATCH)) if "PSALM" in cfg.TEST else 1
-    for name in dataset_names or list(cfg.DATASETS.TEST):
+    names = list(dataset_names or cfg.DATASETS.TEST)
+    for name in names:  # fail before any model run, not after the first data sets
+        kind = MetadataCatalog.get(name).get("evaluator_type", None)
+        if kind not in EVALUATOR_TYPES:
+            raise ValueError(
+                f"PixelLM cannot evaluate {name!r}: its evaluator_type is {kind!r}; PixelLM evaluates "
+                f"{sorted(EVALUATOR_TYPES)} data sets (MUSE-format: psalm's muse_<split>, pixellm_muse_<split>, "
+                "pixellm_synthetic_muse_<split>; RefCOCO-style referring; gRefCOCO-style gres)")
+    for name in names:
         records = DatasetCatalog.get(name)
         if limit:
             records = records[:limit]
-        if MetadataCatalog.get(name).get("evaluator_type", None) == "pixellm_muse":
+        kind = MetadataCatalog.get(name).get("evaluator_type")
+        if kind == "muse":
             ev = MuseEvaluator(name)
             inputs = [x for x in (mapper(r) for r in records) if x is not None]
             for i in tqdm(range(0, len(inputs), bs), desc=f"PixelLM {name}", disable=len(inputs) < 10):
                 batch = inputs[i : i + bs]
                 ev.process(batch, run_model(model, batch, p.EVAL.MUSE_PROTOCOL))
-        elif p.EVAL.MULTI_REFER:
+        elif p.EVAL.MULTI_REFER and kind == "referring":
             ev = ReferringEvaluator(name, distributed=False)
             ev.reset()
             by_image: dict = {}
@@ -241,7 +255,10 @@ def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
                     inst.pred_masks = m[None]
                     ev.process([r], [{"instances": inst}])
         else:
-            gres = MetadataCatalog.get(name).get("evaluator_type", None) == "gres"
+            gres = kind == "gres"
+            if p.EVAL.MULTI_REFER:
+                logger.info("%s is generalized referring: MODEL.PIXELLM.EVAL.MULTI_REFER applies to referring "
+                            "data sets only", name)
             protocol = p.EVAL.REFER_PROTOCOL
             if gres and protocol == "teacher_forced":
                 # a given answer always has one group: "no target" could never be predicted

@@ -397,6 +397,49 @@ def test_referring_evaluation_through_psalm(model, tok_dir, tmp_path_factory, pr
         assert "N-acc" in res
 
 
+def test_psalm_muse_sets_evaluate_with_the_muse_protocol(model, tok_dir, tmp_path):
+    """psalm's own ``muse_<split>`` (the released files in psalm's layout) goes through the MUSE
+    evaluator, not the referring branch."""
+    import json
+    import os
+
+    from detectron2.data import DatasetCatalog
+
+    from pixellm.data.muse import prepare_synthetic_muse
+    from pixellm.evaluation import evaluate_pixellm
+    from psalm.data.datasets.muse import register_muse
+    from psalm.data.synthetic import SyntheticSpec
+
+    gen = tmp_path / "gen"
+    src = prepare_synthetic_muse(gen, "val", SyntheticSpec(num_train=1, num_val=2, num_test=1))
+    os.makedirs(tmp_path / "data" / "muse")
+    os.makedirs(tmp_path / "data" / "coco" / "train2014")
+    os.symlink(gen / "val", tmp_path / "data" / "coco" / "train2014" / "val")
+    (tmp_path / "data" / "muse" / "muse_val.json").write_text(pathlib.Path(src).read_text())
+    register_muse(str(tmp_path / "data"))
+    try:
+        n_gt = sum(len(a) for r in json.loads(pathlib.Path(src).read_text()) for a in r["answers"])
+        res = evaluate_pixellm(_cfg(tok_dir, "MODEL.PIXELLM.MAX_NEW_TOKENS", "3"), model, ["muse_val"])
+        r = res["muse_val"]["muse"]
+        assert r["without_gpt_scoring"] == 1.0 and r["num_gt"] == n_gt and 0.0 <= r["gIoU"] <= 100.0
+        assert len(DatasetCatalog.get("muse_val")) == 2
+    finally:
+        register_muse()  # back to the default root
+
+
+def test_unknown_evaluator_type_is_an_error_before_any_model_run(model, tok_dir):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from pixellm.evaluation import evaluate_pixellm
+
+    name = "pixellm_test_panoptic_only"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: pytest.fail("loaded before the type check"))
+        MetadataCatalog.get(name).set(evaluator_type="coco_panoptic_seg")
+    with pytest.raises(ValueError, match="cannot evaluate 'pixellm_test_panoptic_only'.*coco_panoptic_seg"):
+        evaluate_pixellm(_cfg(tok_dir), model, ["psalm_synthetic_val_referring", name])
+
+
 def test_multi_referring_conversations_official_grouping():
     from pixellm.evaluation import multi_referring_conversations
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from psalm.data.datasets.muse import MUSE_SPLITS, load_muse_json, muse_json_path
+from psalm.data.datasets.muse import MUSE_SPLITS, MUSE_TASK, load_muse_json, muse_json_path
 
 from .muse import prepare_synthetic_muse
 
@@ -57,7 +57,7 @@ def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, s
             return load_muse_json(prepare_synthetic_muse(root, split, spec), root, name)
 
         DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(evaluator_type="pixellm_muse", split=split)
+        MetadataCatalog.get(name).set(task=MUSE_TASK, evaluator_type="muse", split=split)
         names.append(name)
     return names
 
@@ -67,7 +67,7 @@ def register_pixellm_datasets() -> None:
         name = f"pixellm_muse_{split}"
         if name not in DatasetCatalog.list():
             DatasetCatalog.register(name, lambda split=split: _load_muse(split))
-            MetadataCatalog.get(name).set(evaluator_type="pixellm_muse", split=split)
+            MetadataCatalog.get(name).set(task=MUSE_TASK, evaluator_type="muse", split=split)
     if "pixellm_synthetic_muse_train" not in DatasetCatalog.list():
         register_synthetic_muse()
 

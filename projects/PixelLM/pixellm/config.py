@@ -103,6 +103,12 @@ def add_pixellm_config(cfg):
     # evaluate referring data sets as MRefCOCO (sentences of an image asked together, 6/5/4 per question)
     p.EVAL.MULTI_REFER = False
 
+    # pixellm_synthetic_muse_*: how the answers place each target's codebook group: "is" ("the red
+    # circle is [SEG0]..[SEG5]", the documented runs) or "phrase" ("the red circle [SEG0]..[SEG5]", right
+    # after the phrase as the released MUSE answers); part of the generated files' parameters
+    cfg.DATASETS.PIXELLM_SYNTHETIC_MUSE = CN()
+    cfg.DATASETS.PIXELLM_SYNTHETIC_MUSE.ANSWER_STYLE = "is"
+
     p.OUT_SIZE = 0  # fused low-res mask size; 0 = 4 x the CLIP grid (128 for the release)
     p.MAX_NEW_TOKENS = 512
     p.MODEL_MAX_LENGTH = 512

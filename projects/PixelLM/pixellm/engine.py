@@ -38,7 +38,8 @@ def prepare_pixellm_data_for_cfg(cfg) -> None:
     names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
     if any(n.startswith("pixellm_synthetic_muse") for n in names):
         root = os.path.join(cfg.DATASETS.SYNTHETIC.ROOT, "pixellm_muse") if cfg.DATASETS.SYNTHETIC.ROOT else None
-        register_synthetic_muse(root=root, spec=synthetic_spec_from_cfg(cfg))
+        register_synthetic_muse(root=root, spec=synthetic_spec_from_cfg(cfg),
+                                answer_style=cfg.DATASETS.PIXELLM_SYNTHETIC_MUSE.ANSWER_STYLE)
         tok = cfg.MODEL.PIXELLM.TOKENIZER
         if tok and not os.path.isfile(os.path.join(tok, "tokenizer_config.json")):
             save_tiny_pixellm_tokenizer(tok)

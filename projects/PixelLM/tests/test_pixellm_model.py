@@ -290,6 +290,17 @@ def test_synthetic_muse_and_loader(tmp_path, model):
     assert prepare_synthetic_muse(tmp_path, "train", spec) == path  # same parameters: reused
     with pytest.raises(ValueError, match="other parameters"):
         prepare_synthetic_muse(tmp_path, "train", SyntheticSpec(num_train=4, num_val=1, num_test=1))
+    with pytest.raises(ValueError, match="other parameters"):  # the answer style is part of the files
+        prepare_synthetic_muse(tmp_path, "train", spec, answer_style="phrase")
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        prepare_synthetic_muse(tmp_path / "x", "train", spec, answer_style="after")
+    import json
+
+    for style, glue in (("is", " is {seg}"), ("phrase", " {seg}")):
+        recs = json.loads(pathlib.Path(prepare_synthetic_muse(tmp_path / style, "train", spec, answer_style=style)).read_text())
+        for r in recs:
+            for ans, ta in zip(r["answers"], r["text_answers"]):
+                assert all(a["rephrased_name"] + glue in ta for a in ans) and ta.count("{seg}") == len(ans)
     loader = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)
     b1 = next(iter(loader))
     loader2 = PixelLMTrainLoader([dicts], [1.0], PixelLMDatasetMapper(model.tokenizer, 56), ims_per_batch=2, seed=3)

@@ -43,7 +43,8 @@ def _load_muse(split):
                                   f"{root} (or set PIXELLM_MUSE_DIR)")
 
 
-def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, spec=None) -> list[str]:
+def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, spec=None,
+                            answer_style: str = "is") -> list[str]:
     """Register ``<prefix>_{train,val,test}``; the files are generated on first load."""
     root = pathlib.Path(root or os.environ.get("PIXELLM_SYNTHETIC_DIR", "datasets/pixellm_synthetic_muse"))
     names = []
@@ -54,7 +55,7 @@ def register_synthetic_muse(prefix: str = "pixellm_synthetic_muse", root=None, s
             MetadataCatalog.remove(name)
 
         def load(split=split, name=name):
-            return load_muse_json(prepare_synthetic_muse(root, split, spec), root, name)
+            return load_muse_json(prepare_synthetic_muse(root, split, spec, answer_style=answer_style), root, name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(task=MUSE_TASK, evaluator_type="muse", split=split)

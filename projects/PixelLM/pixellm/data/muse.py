@@ -41,15 +41,22 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- synthetic
+ANSWER_STYLES = {"is": "{phrase} is {{seg}}", "phrase": "{phrase} {{seg}}"}
+
+
 def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int = 2, max_targets: int = 3,
-                           seed: int = 0) -> str:
+                           seed: int = 0, answer_style: str = "is") -> str:
     """Write ``<root>/<split>/*.png`` and ``<root>/muse_<split>.json`` in the released MUSE format.
 
     Scenes are psalm's synthetic scenes (:func:`psalm.data.synthetic.generate_scene`); each question
     names 1..``max_targets`` objects by uniquely identifying expressions
     (:mod:`psalm.data.synthetic_language`), and ``text_answers`` place one ``{seg}`` after each
-    target phrase. Deterministic for a given (spec, split, seed).
+    target phrase. ``answer_style``: "is" ("the red circle is {seg}", the documented runs) or "phrase"
+    ("the red circle {seg}": the placeholder right after the phrase, as the released MUSE answers
+    place it). Deterministic for a given (spec, split, seed, answer_style).
     """
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {sorted(ANSWER_STYLES)}, got {answer_style!r}")
     from PIL import Image
 
     from psalm.data import synthetic as syn
@@ -61,7 +68,7 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
     # the files depend on the scene spec and the question parameters: a directory written with other
     # ones is an error, never silently reused
     params = {"spec": spec.to_json(), "questions_per_image": questions_per_image, "max_targets": max_targets,
-              "seed": seed, "split": split}
+              "seed": seed, "split": split, "answer_style": answer_style}
     manifest = root / f"muse_{split}.params.json"
     if out_json.is_file():
         if not manifest.is_file() or json.loads(manifest.read_text()) != params:
@@ -95,7 +102,7 @@ def prepare_synthetic_muse(root, split: str, spec=None, questions_per_image: int
             phrases = [names[t] for t in chosen]
             questions.append(f"Can you segment {join_phrases(phrases)} in this image?")
             answers.append([anns[t] for t in chosen])
-            text_answers.append(join_phrases([f"{p} is {{seg}}" for p in phrases]) + ".")
+            text_answers.append(join_phrases([ANSWER_STYLES[answer_style].format(phrase=p) for p in phrases]) + ".")
         records.append({"id": index, "file_name": file_name, "height": int(image.shape[0]),
                         "width": int(image.shape[1]), "ann_list": anns, "questions": questions,
                         "answers": answers, "text_answers": text_answers})

@@ -10,7 +10,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
 from psalm.config import get_psalm_cfg
-from psalm.data.mapper import PSALMDatasetMapper, preprocess_image, resize_pad_masks, resized_shape
+from psalm.data.mapper import PSALMDatasetMapper, preprocess_image, read_label_map, resize_pad_masks, resized_shape
 from psalm.data.visual_prompts import encode_rle
 
 S = 64
@@ -139,6 +139,25 @@ def test_semantic_png(tmp_path):
     assert inst.gt_classes.tolist() == [0, 3]
     assert inst.gt_masks[0, :32, 40:].all() and inst.gt_masks[0].sum() == 32 * 24
     assert inst.gt_masks[1].sum() == 32 * 20  # ignore (255) and padding belong to no class
+
+
+def test_read_label_map_modes_and_errors(tmp_path):
+    sem = np.array([[0, 3, 255], [7, 7, 1]], dtype=np.uint8)
+    Image.fromarray(sem, mode="L").save(tmp_path / "l.png")
+    pal = Image.fromarray(sem, mode="P")
+    pal.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    pal.save(tmp_path / "p.png")  # palette: the stored indices, not the colours
+    rgb = np.stack([sem, np.full_like(sem, 9), np.zeros_like(sem)], axis=-1)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")  # several channels: the first one
+    for name in ("l.png", "p.png", "rgb.png"):
+        label = read_label_map(tmp_path / name)
+        assert label.dtype == np.int64 and label.shape == (2, 3), name
+        assert np.array_equal(label, sem.astype(np.int64)), name
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_label_map(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png.*not a readable image"):
+        read_label_map(tmp_path / "bad.png")
 
 
 def test_referring_gres_and_instruction(tmp_path):

@@ -54,7 +54,7 @@ from psalm.structures.tasks import CATEGORY_TASKS, LM_TASKS, SENTENCE_TASKS, che
 from .prompt import build_prompt_builder, prompt_for_input
 from .visual_prompts import PROMPT_TYPES, decode_rle, rasterize_prompt, rle_area, valid_polygons
 
-__all__ = ["PSALMDatasetMapper", "preprocess_image", "resized_shape", "resize_pad_masks"]
+__all__ = ["PSALMDatasetMapper", "preprocess_image", "read_label_map", "resized_shape", "resize_pad_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,33 @@ def preprocess_image(
     padding_mask = torch.ones(image_size, image_size, dtype=torch.bool)
     padding_mask[:new_h, :new_w] = False
     return out, padding_mask, (new_h, new_w)
+
+
+def read_label_map(path) -> np.ndarray:
+    """Read a semantic label PNG (one class index per pixel).
+
+    The file is decoded by detectron2's ``read_image`` in its own mode (no colour conversion: an ``L``
+    or palette ``P`` PNG gives its stored indices); of a multi-channel file (e.g. RGB) the first
+    channel is the label.
+
+    Args:
+        path: the PNG (str or path-like; any detectron2 ``PathManager`` path).
+
+    Returns:
+        int64 numpy array [H, W] of label values (``ignore_label`` included as stored).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a readable image.
+    """
+    try:
+        label = utils.read_image(str(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"semantic label map {str(path)!r} does not exist") from e
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"semantic label map {str(path)!r} is not a readable image: {e}") from e
+    label = np.asarray(label).astype(np.int64)
+    return label[..., 0] if label.ndim == 3 else label
 
 
 def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
@@ -465,9 +492,7 @@ class PSALMDatasetMapper:
         if task == "semantic":
             if "sem_seg_file_name" not in d:
                 raise ValueError(f"semantic dict of {d.get('file_name')!r} needs 'sem_seg_file_name'")
-            sem = utils.read_image(d["sem_seg_file_name"]).astype(np.int64)
-            if sem.ndim == 3:
-                sem = sem[..., 0]
+            sem = read_label_map(d["sem_seg_file_name"])
             if sem.shape != tuple(orig_hw):
                 raise ValueError(f"semantic PNG {d['sem_seg_file_name']!r} is {sem.shape}, the image {tuple(orig_hw)}")
             # padding gets the ignore label, so that it belongs to no class

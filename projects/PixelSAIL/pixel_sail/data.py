@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 
+from psalm.data.mapper import read_label_map
 from psalm.data.visual_prompts import decode_rle
 from psalm.evaluation.masks import annotation_to_mask, union_mask
 
@@ -262,8 +263,7 @@ class PixelSAILDatasetMapper:
                         annotation_to_mask(ann["segmentation"], H, W, rasterizer=self.rasterizer))
         else:
             names = self.stuff_classes
-            label = d2_utils.read_image(d["sem_seg_file_name"]).astype(np.int64)
-            label = label[..., 0] if label.ndim == 3 else label
+            label = read_label_map(d["sem_seg_file_name"])
             for c in np.unique(label):
                 if c != self.ignore_label:
                     groups[int(c)] = [label == c]

@@ -29,6 +29,7 @@ import pathlib
 import numpy as np
 
 from psalm.data.datasets.muse import load_muse_json, muse_records_to_dicts, target_name
+from psalm.data.mapper import read_label_map
 from psalm.data.visual_prompts import encode_rle
 
 from .prompt import IMAGE_TOKEN, join_phrases
@@ -232,14 +233,6 @@ def class_phrase(class_name: str) -> str:
     if not phrase:
         raise ValueError(f"empty class name {class_name!r}")
     return phrase
-
-
-def read_label_map(path) -> np.ndarray:
-    """A semantic label PNG -> int64 [H, W] (the first channel of a multi-channel file, as psalm's mapper)."""
-    from detectron2.data.detection_utils import read_image
-
-    label = np.asarray(read_image(str(path))).astype(np.int64)
-    return label[..., 0] if label.ndim == 3 else label
 
 
 def multi_target_from_semantic(d: dict, rng: np.random.Generator, questions_per_image: int = 3,

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .text import join_phrases
+
 __all__ = [
     "SHAPES",
     "COLORS",
@@ -264,8 +266,8 @@ def no_target_expressions(objects: Sequence[dict]) -> list[Expression]:
 
 
 def caption(objects: Sequence[dict]) -> str:
-    """A one-sentence description listing the objects from left to right."""
+    """A one-sentence description listing the objects from left to right (:func:`join_phrases`)."""
     order = np.argsort([o["center"][0] for o in objects], kind="stable")
     parts = [f"a {objects[i]['size']} {objects[i]['color']} {objects[i]['shape']}" for i in order]
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    listing = join_phrases(parts)
     return f"{listing[0].upper()}{listing[1:]} in front of a wall, standing on a tiled floor."

@@ -51,6 +51,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 
 from psalm.data.mapper import read_label_map
+from psalm.data.text import join_phrases
 from psalm.data.visual_prompts import decode_rle
 from psalm.evaluation.masks import annotation_to_mask, union_mask
 
@@ -98,8 +99,7 @@ def muse_answer(text_answer: Optional[str], names: List[str]) -> str:
         return text_answer.replace("{seg}", SEG)
     if not names:
         raise ValueError("a MUSE answer needs at least one target")
-    parts = [f"{name} is {SEG}" for name in names]
-    return (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
+    return join_phrases(f"{name} is {SEG}" for name in names) + "."
 
 
 def referring_question(sentence: str) -> str:

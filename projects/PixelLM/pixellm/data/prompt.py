@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from psalm.data.text import join_phrases  # noqa: F401  (re-exported: the multi-target templates' list join)
 from psalm.modeling.criterion import IGNORE_INDEX
 
 __all__ = ["SYSTEM", "IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "codebook_group", "build_conversation", "split_answer_prompt",
@@ -27,14 +28,6 @@ ASSISTANT = " ASSISTANT:"
 # evaluation prompts of the official code (spec A3.1)
 REFER_QUESTION = IMAGE_TOKEN + "\n What is {sent} in this image? Please output segmentation mask."
 MULTI_REFER_QUESTION = IMAGE_TOKEN + "\n What is {sent} in this image? Please output segmentation mask."
-
-
-def join_phrases(items) -> str:
-    """The official list join of the multi-target templates: ``"a"``, ``"a and b"``, ``"a, b and c"``."""
-    items = [str(x) for x in items]
-    if not items:
-        raise ValueError("join_phrases needs at least one phrase")
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def codebook_group(num_tokens: int = 6) -> str:

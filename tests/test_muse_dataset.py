@@ -10,7 +10,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from psalm.data.datasets import MissingDatasetFileError, register_all_psalm_datasets
-from psalm.data.datasets.muse import load_muse_json, muse_records_to_dicts
+from psalm.data.datasets.muse import (SEG_PLACEHOLDER, check_seg_count, load_muse_json, muse_records_to_dicts,
+                                      seg_count_matches)
 from psalm.evaluation.masks import annotation_to_mask
 from psalm.structures.masks import encode_rle
 
@@ -150,3 +151,15 @@ def test_load_muse_json_counts_and_image_roots(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_muse_json(tmp_path / "broken.json", tmp_path)
+
+
+def test_seg_count_helpers():
+    assert SEG_PLACEHOLDER == "{seg}"
+    assert seg_count_matches(None, 0) and seg_count_matches(None, 3)  # no text answer: nothing to check
+    assert seg_count_matches("a {seg} and b {seg}.", 2)
+    assert not seg_count_matches("a {seg}.", 2) and not seg_count_matches("a {seg} {seg}.", 1)
+    assert not seg_count_matches("It is [SEG].", 1)  # only the released placeholder counts
+    check_seg_count("a {seg}.", 1)
+    check_seg_count(None, 2)
+    with pytest.raises(ValueError, match=r"has 1 \{seg\} for 2 targets: 'a \{seg\}\.'"):
+        check_seg_count("a {seg}.", 2)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 
+from psalm.data.datasets.muse import SEG_PLACEHOLDER, check_seg_count, seg_count_matches
 from psalm.data.mapper import read_label_map
 from psalm.data.text import join_phrases
 from psalm.data.visual_prompts import decode_rle
@@ -93,10 +94,8 @@ def muse_answer(text_answer: Optional[str], names: List[str]) -> str:
     """A MUSE answer with one ``[SEG]`` per target: ``text_answer`` with each ``{seg}`` replaced (its count
     must equal ``len(names)``), or without a text answer ``"{a} is [SEG], {b} is [SEG] and {c} is [SEG]."``"""
     if text_answer is not None:
-        n = text_answer.count("{seg}")
-        if n != len(names):
-            raise ValueError(f"text answer has {n} {{seg}} for {len(names)} targets: {text_answer!r}")
-        return text_answer.replace("{seg}", SEG)
+        check_seg_count(text_answer, len(names))
+        return text_answer.replace(SEG_PLACEHOLDER, SEG)
     if not names:
         raise ValueError("a MUSE answer needs at least one target")
     return join_phrases(f"{name} is {SEG}" for name in names) + "."
@@ -299,7 +298,7 @@ class PixelSAILDatasetMapper:
         H, W = d["height"], d["width"]
         turns, masks, dropped = [], [], 0
         for q, ts, ta in zip(questions, targets, text_answers):
-            if not ts or (ta is not None and ta.count("{seg}") != len(ts)):
+            if not ts or not seg_count_matches(ta, len(ts)):
                 dropped += 1
                 continue
             turns.append((q, muse_answer(ta, [t["name"] for t in ts])))

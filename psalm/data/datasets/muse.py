@@ -40,16 +40,33 @@ from psalm.structures.masks import valid_polygons
 
 from ._common import datasets_root, load_json, log_loaded, register_lazy
 
-__all__ = ["MUSE_SPLITS", "MUSE_TASK", "load_muse_json", "muse_records_to_dicts", "muse_json_path", "target_name",
-           "muse_image_path", "register_muse"]
+__all__ = ["MUSE_SPLITS", "MUSE_TASK", "SEG_PLACEHOLDER", "load_muse_json", "muse_records_to_dicts", "muse_json_path",
+           "target_name", "seg_count_matches", "check_seg_count", "muse_image_path", "register_muse"]
 
 logger = logging.getLogger(__name__)
 
 MUSE_SPLITS = ("train", "val", "test_less", "test_many")
 MUSE_TASK = "muse"
+SEG_PLACEHOLDER = "{seg}"  # one per target in a released text answer, in target order
 DROP_REASONS = ("seg_count_mismatch", "no_target", "invalid_segmentation")
 PREPARE = ("download the released MUSE JSON files (PixelLM's release) as muse/muse_<split>.json or "
            "muse/MUSE_<split>.json (datasets/README.md, 'MUSE')")
+
+
+def seg_count_matches(text_answer: str | None, num_targets: int) -> bool:
+    """Whether a text answer holds one ``{seg}`` per target (None, no text answer, always matches).
+
+    The loader drops a question that fails it (``seg_count_mismatch``); the projects' answer builders
+    raise (:func:`check_seg_count`).
+    """
+    return text_answer is None or text_answer.count(SEG_PLACEHOLDER) == num_targets
+
+
+def check_seg_count(text_answer: str | None, num_targets: int) -> None:
+    """:func:`seg_count_matches` or a ``ValueError`` giving both counts and the answer."""
+    if not seg_count_matches(text_answer, num_targets):
+        raise ValueError(f"text answer has {text_answer.count(SEG_PLACEHOLDER)} {SEG_PLACEHOLDER} for "
+                         f"{num_targets} targets: {text_answer!r}")
 
 
 def target_name(ann: dict) -> str:
@@ -144,7 +161,7 @@ def muse_records_to_dicts(records, image_root: str, coco_root: str | None = None
             if not targets:
                 dropped["no_target"] += 1
                 continue
-            if ta is not None and ta.count("{seg}") != len(targets):
+            if not seg_count_matches(ta, len(targets)):
                 dropped["seg_count_mismatch"] += 1  # official: the question is skipped
                 continue
             converted = [_target(a, height, width, f"{where}, question {j}, target {k}") for k, a in enumerate(targets)]

@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import torch
 
+from psalm.data.datasets.muse import SEG_PLACEHOLDER, check_seg_count
 from psalm.evaluation.masks import annotation_to_mask
 from psalm.utils.image_io import read_image_rgb
 
@@ -40,9 +41,8 @@ _MULTI = ("{names} are {seg}, separately.", "{names} are {seg}.", "Sure, {names}
 def answer_text(names, text_answer, group: str, rng: np.random.Generator | None = None) -> str:
     """The answer with one codebook group per target (in target order)."""
     if text_answer is not None:
-        if text_answer.count("{seg}") != len(names):
-            raise ValueError(f"text answer has {text_answer.count('{seg}')} {{seg}} for {len(names)} targets")
-        return text_answer.replace("{seg}", group)
+        check_seg_count(text_answer, len(names))
+        return text_answer.replace(SEG_PLACEHOLDER, group)
     if len(names) == 1:
         return f"{names[0]} is {group}."
     tpl = _MULTI[int(rng.integers(len(_MULTI)))] if rng is not None else _MULTI[0]

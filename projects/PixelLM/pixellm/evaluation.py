@@ -220,19 +220,18 @@ def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:
     model.eval()
     results = {}
     bs = max(1, int(cfg.TEST.PSALM.IMS_PER_BATCH)) if "PSALM" in cfg.TEST else 1
-    names = list(dataset_names or cfg.DATASETS.TEST)
-    for name in names:  # fail before any model run, not after the first data sets
-        kind = MetadataCatalog.get(name).get("evaluator_type", None)
+    kinds = {name: MetadataCatalog.get(name).get("evaluator_type", None)
+             for name in dataset_names or cfg.DATASETS.TEST}
+    for name, kind in kinds.items():  # fail before any model run, not after the first data sets
         if kind not in EVALUATOR_TYPES:
             raise ValueError(
                 f"PixelLM cannot evaluate {name!r}: its evaluator_type is {kind!r}; PixelLM evaluates "
                 f"{sorted(EVALUATOR_TYPES)} data sets (MUSE-format: psalm's muse_<split>, pixellm_muse_<split>, "
                 "pixellm_synthetic_muse_<split>; RefCOCO-style referring; gRefCOCO-style gres)")
-    for name in names:
+    for name, kind in kinds.items():
         records = DatasetCatalog.get(name)
         if limit:
             records = records[:limit]
-        kind = MetadataCatalog.get(name).get("evaluator_type")
         if kind == "muse":
             ev = MuseEvaluator(name)
             inputs = [x for x in (mapper(r) for r in records) if x is not None]

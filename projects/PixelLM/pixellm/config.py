@@ -76,6 +76,10 @@ def add_pixellm_config(cfg):
     p.CODEBOOK.TOKEN_FUSION = "compat"
     # scale fusion: "compat" (constant 1/L) or "learned" (paper)
     p.CODEBOOK.SCALE_FUSION = "compat"
+    # not in the release: "batch" normalises the fused prompts over the targets of the batch
+    # (PromptBatchNorm), for models trained from scratch whose prompts start nearly identical across
+    # targets; "none" = official
+    p.CODEBOOK.PROMPT_NORM = "none"
 
     p.LOSS = CN()
     p.LOSS.CE_WEIGHT = 1.0
@@ -90,6 +94,10 @@ def add_pixellm_config(cfg):
     # out), on in the paper setting. ALPHA is the weight on pixels claimed by >= 2 masks.
     p.LOSS.TRL = False
     p.LOSS.TRL_ALPHA = 2.0
+    # not in the release: > 0 adds BCE + Dice (same weights and sampling as the mask loss) x this on an
+    # auxiliary mask per target, its fused prompt dotted with the neck features (PixelLM.prompt_masks):
+    # a direct grounding signal to the prompts of a model trained from scratch. 0 = official
+    p.LOSS.PROMPT_MASK_WEIGHT = 0.0
 
     # trainable set (official: LoRA + lm_head + embed_tokens + mask_decoder + text_hidden_fcs +
     # mm_projector + out_mm_projector); the neck and prompt encoder stay frozen unless enabled

@@ -206,6 +206,59 @@ def test_paper_setting_learnable_fusion_and_trl(tok_dir):
     assert m.token_fusion.weight.grad is not None and m.scale_fusion.weight.grad is not None
 
 
+def test_prompt_norm_and_prompt_mask_options(tok_dir):
+    """CODEBOOK.PROMPT_NORM "batch" and LOSS.PROMPT_MASK_WEIGHT (options for models trained from
+    scratch, off in the release): the norm standardises the fused prompts over the batch's targets and
+    trains; the auxiliary mask is each prompt dotted with its level's neck features and adds its own
+    weighted BCE / Dice terms that reach the LLM."""
+    from pixellm.modeling.codebook import PromptBatchNorm
+    from pixellm.modeling.meta_arch import PixelLM, postprocess_masks
+
+    with pytest.raises(ValueError, match="PROMPT_NORM"):
+        PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.CODEBOOK.PROMPT_NORM", "layer"))
+    with pytest.raises(ValueError, match="PROMPT_MASK_WEIGHT"):
+        PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.LOSS.PROMPT_MASK_WEIGHT", "-1"))
+    torch.manual_seed(1)
+    m = PixelLM(_cfg(tok_dir, "MODEL.PIXELLM.CODEBOOK.PROMPT_NORM", "batch",
+                     "MODEL.PIXELLM.LOSS.PROMPT_MASK_WEIGHT", "0.5")).train()
+    assert isinstance(m.prompt_norm, PromptBatchNorm)
+    assert any(n.startswith("prompt_norm.") for n in m.trainable_names)
+    x = _image_input(m, "Can you segment a, b and c?", f"a is {GROUP}, b is {GROUP} and c is {GROUP}.")
+    x["gt_masks"] = torch.rand(3, 40, 30) > 0.5
+    seen = []
+    hook = m.prompt_norm.register_forward_hook(lambda mod, inp, res: seen.append(inp[0].detach()))
+    out = m.forward_teacher_forced([x])
+    hook.remove()
+    fused = out["fused"][0]  # [K, L, D], standardised over the 3 targets (batch statistics, training)
+    flat, before = fused.flatten(1), seen[0]
+    assert before.shape == flat.shape == (3, 2 * m.mask_decoder.dim)
+    assert torch.allclose(flat.mean(0), torch.zeros_like(flat[0]), atol=1e-5)
+    v = before.var(0, unbiased=False)
+    assert torch.allclose(flat.var(0, unbiased=False), v / (v + m.prompt_norm.eps), atol=1e-3)
+    aux = m.prompt_masks([x], out)[0]
+    feats = out["image"]["decoder_features"][0]
+    want = torch.einsum("kld,ldhw->khw", fused, feats)[:, None] / 2
+    want = postprocess_masks(want, x["clip_size"], (40, 30))[:, 0]
+    assert aux.shape == (3, 40, 30) and torch.allclose(aux, want, atol=1e-5)
+    losses = m.losses([x])
+    assert {"loss_mask_prompt", "loss_dice_prompt"} <= set(losses)
+    plain = m.mask_loss([aux], [x["gt_masks"]], [[3]])
+    assert torch.allclose(losses["loss_mask_prompt"], 0.5 * plain["loss_mask"])
+    (losses["loss_mask_prompt"] + losses["loss_dice_prompt"]).backward()
+    named = dict(m.named_parameters())
+    assert named["prompt_norm.weight"].grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if ".layers.0." in n and "llm" in n)
+    # one target in a training batch: the running statistics (batch statistics of one sample are undefined)
+    y = _image_input(m, "Can you segment a?", f"a is {GROUP}.")
+    one = m.forward_teacher_forced([y])["fused"][0]
+    assert one.shape[0] == 1 and torch.isfinite(one).all()
+    m.eval()  # evaluation: running statistics, so a target's prompt does not depend on its batch
+    with torch.no_grad():
+        alone = m.forward_teacher_forced([x])["fused"][0]
+        together = m.forward_teacher_forced([x, y])["fused"][0]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
 # ------------------------------------------------------------------ losses
 def test_target_refinement_loss():
     from pixellm.modeling.losses import PixelLMMaskLoss, overlap_weights

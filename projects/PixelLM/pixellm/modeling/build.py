@@ -14,7 +14,7 @@ import pathlib
 
 import torch
 
-from .codebook import ScaleFusion, TokenFusion
+from .codebook import ScaleFusion, TokenFusion, build_prompt_norm
 from .losses import PixelLMMaskLoss
 from .mask_decoder import MultiScaleMaskDecoder, PixelLMPromptEncoder, neck
 from .vision import PixelLMVisionTower
@@ -101,10 +101,10 @@ def apply_trainable_set(model, train_neck_and_prompt_encoder: bool = False, trai
                         train_vision: bool = False) -> list[str]:
     """The official trainable set: LoRA parameters (if any), ``lm_head``, ``embed_tokens``,
     ``mask_decoder``, ``text_hidden_fcs``, ``mm_projector``, ``out_mm_projector`` (+ learned fusion
-    weights); CLIP frozen unless ``train_vision``; neck and prompt encoder frozen unless enabled.
+    weights, ``prompt_norm``); CLIP frozen unless ``train_vision``; neck and prompt encoder frozen unless enabled.
     Returns the trainable names."""
     train = ["lm_head", "embed_tokens", "mask_decoder.", "text_hidden_fcs.", "mm_projector.",
-             "token_fusion.", "scale_fusion.", "lora_"]
+             "token_fusion.", "scale_fusion.", "prompt_norm.", "lora_"]
     if train_neck_and_prompt_encoder:
         train += ["image_feature_neck.", "prompt_encoder.no_mask_embed"]
     if train_llm:
@@ -203,6 +203,8 @@ def pixellm_components(cfg, tokenizer=None) -> dict:
         "eos_token_id": spec["eos_token_id"],
         "tokenizer": tokenizer,
         "max_new_tokens": p.MAX_NEW_TOKENS,
+        "prompt_norm": build_prompt_norm(p.CODEBOOK.PROMPT_NORM, codebook["scales"], spec["decoder"]["dim"]),
+        "prompt_mask_weight": p.LOSS.PROMPT_MASK_WEIGHT,
     })
     if model_dir:
         from safetensors.torch import load_file
@@ -214,6 +216,8 @@ def pixellm_components(cfg, tokenizer=None) -> dict:
         sd = load_file(str(pathlib.Path(model_dir) / "model.safetensors"))
         learned = [f"{n}.weight" for n, mode in (("token_fusion", token_mode), ("scale_fusion", scale_mode))
                    if mode == "learned"]  # fine-tuning the release with the paper's learnable fusion
+        if holder.prompt_norm is not None:  # an option the release does not have: starts as identity
+            learned += [f"prompt_norm.{k}" for k in holder.prompt_norm.state_dict()]
         load_strict(holder, sd, allow_missing=learned, what=f"PixelLM weights in {model_dir}")
         kwargs = {k: getattr(holder, k) if isinstance(v, torch.nn.Module) else v for k, v in kwargs.items()}
     if p.LLM.LORA.ENABLED and p.LLM.TRAIN_FULL:

@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["codebook_tokens", "codebook_token_ids", "codebook_positions", "TokenFusion", "ScaleFusion"]
+__all__ = ["codebook_tokens", "codebook_token_ids", "codebook_positions", "TokenFusion", "ScaleFusion",
+           "PromptBatchNorm", "build_prompt_norm"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +119,26 @@ class ScaleFusion(nn.Module):
         else:
             raise ValueError(f"SCALE_FUSION must be 'compat' or 'learned', got {mode!r}")
         self.mode = mode
+
+
+class PromptBatchNorm(nn.BatchNorm1d):
+    """``CODEBOOK.PROMPT_NORM "batch"`` (not in the release): batch norm of the fused prompts
+    [K, L*D] over every target of the batch. It removes the component that all targets share and
+    scales what tells them apart to unit variance (a model trained from scratch starts with prompts
+    that differ by 2-3% between targets). A training batch with a single target uses the running
+    statistics (batch statistics of one sample are undefined)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def build_prompt_norm(mode: str, num_scales: int, dim: int) -> nn.Module | None:
+    """``CODEBOOK.PROMPT_NORM``: "none" (official) or "batch" (:class:`PromptBatchNorm`)."""
+    if mode == "none":
+        return None
+    if mode == "batch":
+        return PromptBatchNorm(num_scales * dim)
+    raise ValueError(f"MODEL.PIXELLM.CODEBOOK.PROMPT_NORM must be 'none' or 'batch', got {mode!r}")

@@ -78,7 +78,8 @@ class PixelLM(nn.Module):
                  hidden_tap: str = "preceding", out_size: int = 0, pad_token_id: int = 0,
                  eos_token_id: int = 2, tokenizer=None, prompt_builder=None, max_new_tokens: int = 512,
                  train_neck_and_prompt_encoder: bool = False, train_llm: bool = False,
-                 train_vision: bool = False):
+                 train_vision: bool = False, prompt_norm: nn.Module | None = None,
+                 prompt_mask_weight: float = 0.0):
         super().__init__()
         self.vision_tower = vision_tower
         self.llm = llm
@@ -90,6 +91,11 @@ class PixelLM(nn.Module):
         self.mask_decoder = mask_decoder
         self.token_fusion = token_fusion
         self.scale_fusion = scale_fusion
+        # optional (not in the release): a norm on the fused prompts, see CODEBOOK.PROMPT_NORM
+        self.prompt_norm = prompt_norm
+        if prompt_mask_weight < 0:
+            raise ValueError(f"LOSS.PROMPT_MASK_WEIGHT must be >= 0, got {prompt_mask_weight}")
+        self.prompt_mask_weight = float(prompt_mask_weight)
         self.codebook_ids = [int(i) for i in codebook_ids]
         self.num_scales = mask_decoder.num_levels
         self.tokens_per_scale = len(self.codebook_ids) // self.num_scales
@@ -212,16 +218,21 @@ class PixelLM(nn.Module):
 
     # ------------------------------------------------------------------ codebook -> masks
     def codebook_embeddings(self, hidden: torch.Tensor, seq: Mapping, strict: bool = True) -> tuple[list, list]:
-        """Per row: fused sparse prompts [K_r, L, D] and the gathered positions [K_r*L*N]."""
-        fused, positions = [], []
+        """Per row: fused sparse prompts [K_r, L, D] and the gathered positions [K_r*L*N].
+
+        The states of every row go through ``text_hidden_fcs`` (and ``prompt_norm``, when set) together,
+        so a batch norm sees every target of the batch."""
+        positions, counts, states = [], [], []
         for r in range(hidden.shape[0]):
             pos, k = codebook_positions(seq["ids"][r], seq["attention_mask"][r], self.codebook_ids,
                                         self.hidden_tap, strict=strict)
-            h = self.text_hidden_fcs(hidden[r, pos])
-            h = h.view(int(k), self.num_scales, self.tokens_per_scale, h.shape[-1])
-            fused.append(self.token_fusion(h))
-            positions.append(pos)
-        return fused, positions
+            positions.append(pos), counts.append(int(k)), states.append(hidden[r, pos])
+        h = self.text_hidden_fcs(torch.cat(states))
+        k_all = sum(counts)
+        h = self.token_fusion(h.view(k_all, self.num_scales, self.tokens_per_scale, h.shape[-1]))  # [K, L, D]
+        if self.prompt_norm is not None and k_all:
+            h = self.prompt_norm(h.flatten(1)).view_as(h)
+        return list(h.split(counts)), positions
 
     def decode_masks(self, features: torch.Tensor, sparse: torch.Tensor) -> dict:
         """
@@ -320,7 +331,27 @@ class PixelLM(nn.Module):
             r += n_rows
             preds.append(pred), gts.append(gt)
         losses.update(self.mask_loss(preds, gts, groups))
+        if self.prompt_mask_weight > 0:
+            aux = self.mask_loss(self.prompt_masks(batched_inputs, out), gts, groups)
+            losses.update({f"{k}_prompt": self.prompt_mask_weight * v for k, v in aux.items()})
         return losses
+
+    def prompt_masks(self, batched_inputs: Sequence[Mapping], out: Mapping) -> list[torch.Tensor]:
+        """The auxiliary masks of ``LOSS.PROMPT_MASK_WEIGHT`` (not in the release): each target's fused
+        prompt dotted with the neck features of its level, averaged over the levels, at the original size.
+
+        Returns: per image [K_i, H, W] logits (same order as ``pred_masks``).
+        """
+        rows, row_image, _ = self._rows(batched_inputs)
+        masks = []
+        for i, x in enumerate(batched_inputs):
+            parts = [f for f, img in zip(out["fused"], row_image) if img == i]
+            sparse = torch.cat(parts)  # [K, L, D]
+            feats = out["image"]["decoder_features"][i]  # [L, D, G, G]
+            logits = torch.einsum("kld,ldhw->khw", sparse, feats)[:, None] / self.num_scales
+            m = postprocess_masks(logits, x["clip_size"], (int(x["height"]), int(x["width"])))
+            masks.append(m[:, 0])
+        return masks
 
     def forward(self, batched_inputs: Sequence[Mapping]):
         if self.training:

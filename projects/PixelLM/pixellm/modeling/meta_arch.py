@@ -8,6 +8,7 @@ Data flow (one image may carry several questions = rows; K_i targets per image):
     rows (input_ids with one IMAGE_TOKEN_INDEX) --splice--> LlamaForCausalLM --> hidden [R, T, H]
     hidden at the state preceding each codebook token --text_hidden_fcs--> [K*L*N, D]
         --view(K, L, N, D) + token fusion--> [K, L, D] sparse prompts
+        (--prompt_norm over the batch's targets, CODEBOOK.PROMPT_NORM "batch"; not in the release)
     per image: MultiScaleMaskDecoder level 0 (G -> 2G), level 1 (2G -> 4G, modulated by level 0)
         --scale fusion at 4G--> [K, 1, 4G, 4G] --postprocess--> logits [K, H, W] at the original size
 

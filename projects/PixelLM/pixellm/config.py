@@ -78,7 +78,7 @@ def add_pixellm_config(cfg):
     p.CODEBOOK.SCALE_FUSION = "compat"
     # not in the release: "batch" normalises the fused prompts over the targets of the batch
     # (PromptBatchNorm), for models trained from scratch whose prompts start nearly identical across
-    # targets; "none" = official
+    # targets (statistics per process under DDP, as nn.BatchNorm1d); "none" = official
     p.CODEBOOK.PROMPT_NORM = "none"
 
     p.LOSS = CN()

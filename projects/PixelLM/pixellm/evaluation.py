@@ -181,20 +181,13 @@ def run_model(model, inputs: list[dict], protocol: str, max_new_tokens: int | No
         out = model.forward_teacher_forced(inputs, strict=False)
         res = []
         for i, x in enumerate(inputs):
-            counts = [f.shape[0] for f, img in zip(out["fused"], _row_images(inputs)) if img == i]
+            counts = [f.shape[0] for f, img in zip(out["fused"], out["row_image"]) if img == i]
             res.append({"answers": [{"mask_logits": m} for m in torch.split(out["pred_masks"][i], counts)]})
         return res
     from .modeling.generation import generate
 
     gen_inputs = [dict(x, input_ids=x.get("prompt_ids", x["input_ids"])) for x in inputs]
     return generate(model, gen_inputs, max_new_tokens=max_new_tokens)
-
-
-def _row_images(inputs):
-    rows = []
-    for i, x in enumerate(inputs):
-        rows += [i] * len(x["input_ids"])
-    return rows
 
 
 def evaluate_pixellm(cfg, model, dataset_names=None, limit: int = 0) -> dict:

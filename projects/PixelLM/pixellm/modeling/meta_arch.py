@@ -277,7 +277,7 @@ class PixelLM(nn.Module):
 
         Returns dict with ``pred_masks`` (list per image of [K_i, H, W] logits), ``low_res``,
         ``levels``, ``targets_per_row`` (list of ints), ``seq``, ``hidden``, ``logits``, ``image``,
-        ``fused`` (per row), ``positions`` (per row).
+        ``fused`` (per row), ``positions`` (per row), ``row_image`` (the image index of each row).
         """
         imgs = torch.stack([x["clip_image"] for x in batched_inputs]).to(self.device)
         image = self.encode_images(imgs, [x["clip_size"] for x in batched_inputs])
@@ -286,7 +286,7 @@ class PixelLM(nn.Module):
         hidden, logits = self.run_llm(seq)
         fused, positions = self.codebook_embeddings(hidden, seq, strict=strict)
         out = {"seq": seq, "hidden": hidden, "logits": logits, "image": image, "fused": fused,
-               "positions": positions, "targets_per_row": [f.shape[0] for f in fused]}
+               "positions": positions, "targets_per_row": [f.shape[0] for f in fused], "row_image": row_image}
         out.update(self._masks_per_image(batched_inputs, image, fused, row_image))
         return out
 
@@ -296,12 +296,18 @@ class PixelLM(nn.Module):
         pos = (logits > 0).flatten(1)
         return (logits.sigmoid().flatten(1) * pos).sum(1) / (pos.sum(1) + 1e-6)
 
+    @staticmethod
+    def image_prompts(fused: Sequence[torch.Tensor], row_image: Sequence[int], i: int) -> torch.Tensor | None:
+        """The prompts of image ``i``: its rows' [K_r, L, D] concatenated in row order -> [K_i, L, D]
+        (None when the image has no row)."""
+        parts = [f for f, img in zip(fused, row_image) if img == i]
+        return torch.cat(parts) if parts else None
+
     def _masks_per_image(self, batched_inputs, image, fused, row_image) -> dict:
         pred, lows, levels = [], [], []
         for i, x in enumerate(batched_inputs):
-            parts = [f for f, img in zip(fused, row_image) if img == i]
-            sparse = torch.cat(parts) if parts else image["decoder_features"].new_zeros(0, self.num_scales, 1)
-            if sparse.shape[0] == 0:
+            sparse = self.image_prompts(fused, row_image, i)
+            if sparse is None or sparse.shape[0] == 0:
                 h, w = int(x["height"]), int(x["width"])
                 z = image["decoder_features"].new_zeros(0, h, w)
                 pred.append(z), lows.append(None), levels.append(None)
@@ -343,12 +349,13 @@ class PixelLM(nn.Module):
 
         Returns: per image [K_i, H, W] logits (same order as ``pred_masks``).
         """
-        rows, row_image, _ = self._rows(batched_inputs)
         masks = []
         for i, x in enumerate(batched_inputs):
-            parts = [f for f, img in zip(out["fused"], row_image) if img == i]
-            sparse = torch.cat(parts)  # [K, L, D]
+            sparse = self.image_prompts(out["fused"], out["row_image"], i)  # [K, L, D]
             feats = out["image"]["decoder_features"][i]  # [L, D, G, G]
+            if sparse is None or sparse.shape[0] == 0:
+                masks.append(feats.new_zeros(0, int(x["height"]), int(x["width"])))
+                continue
             logits = torch.einsum("kld,ldhw->khw", sparse, feats)[:, None] / self.num_scales
             m = postprocess_masks(logits, x["clip_size"], (int(x["height"]), int(x["width"])))
             masks.append(m[:, 0])
